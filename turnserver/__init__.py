@@ -1,0 +1,3 @@
+"""turnserver: a TURN/STUN relay server."""
+
+__version__ = "0.1.0"
