@@ -1,0 +1,730 @@
+"""The TURN server state machine (RFC 8656), sans-IO.
+
+The core never touches a socket or a clock. The I/O layer hands it:
+
+* ``handle_stun(data, five_tuple, now, sink)`` for every STUN message from a client; it
+  returns the bytes to send back to that client, a :class:`SendToPeer` for a Send
+  indication, or ``None``.
+* ``handle_channel_data(data, five_tuple, now)`` for ChannelData from a client; it returns a
+  :class:`SendToPeer` or ``None``.
+* ``handle_peer_data(relay, data, peer, now)`` for a datagram a relay socket received; it
+  returns ``(sink, bytes)`` to send to the client, or ``None``.
+* ``handle_timer(now)`` when ``next_deadline()`` passes, and ``connection_closed`` when a
+  stream client goes away.
+
+Relay sockets come from a :class:`RelayPorts` the I/O layer provides; the core only keeps
+the opaque endpoints it returns. Expiry is checked where an entry is looked up
+(``expires_at > now``) and one deadline heap drives clean-up.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..auth import ALGORITHM_MD5, ALGORITHM_SHA256, CredentialStore, NonceManager
+from ..policy import PeerPolicy
+from ..stun import (
+    Attr,
+    MalformedMessageError,
+    Message,
+    MessageClass,
+    Method,
+    StunDecodeError,
+    decode_message,
+    encode_message,
+    verify_message_integrity,
+    verify_message_integrity_sha256,
+)
+from .allocation import (
+    CHANNEL_LIFETIME_S,
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    PERMISSION_LIFETIME_S,
+    RESERVATION_LIFETIME_S,
+    Address,
+    Allocation,
+    Channel,
+    FiveTuple,
+    RelayEndpoint,
+    RelayPorts,
+    compute_lifetime,
+    family_of,
+)
+from .errors import TurnError, error
+from .stats import CoreStats
+
+REQUESTED_TRANSPORT_UDP = 17
+FAMILY_NAMES = {1: "ipv4", 2: "ipv6"}
+METHOD_NAMES = {
+    Method.BINDING: "binding",
+    Method.ALLOCATE: "allocate",
+    Method.REFRESH: "refresh",
+    Method.CREATE_PERMISSION: "create_permission",
+    Method.CHANNEL_BIND: "channel_bind",
+}
+SERVER_PASSWORD_ALGORITHMS = [(ALGORITHM_MD5, b""), (ALGORITHM_SHA256, b"")]
+_CHANNEL_HEADER = struct.Struct("!HH")
+
+
+@dataclass
+class CoreConfig:
+    realm: str = "turnd"
+    software: str = "turnd"
+    default_lifetime_s: int = 600
+    max_lifetime_s: int = 3600
+    max_allocations: int = 0  # 0: bounded by the relay ports only
+    user_quota: int = 0  # 0: unlimited
+    allow_refresh_after_expiry: bool = True
+    # bound relay IP -> advertised external IP (servers behind 1:1 NAT)
+    external_addresses: Mapping[str, str] = field(default_factory=dict)
+    alternate_server: Address | None = None
+
+
+@dataclass(slots=True)
+class SendToPeer:
+    relay: RelayEndpoint
+    data: bytes
+    peer: Address
+
+
+@dataclass(slots=True)
+class _Auth:
+    username: str
+    key: bytes
+    algorithm: int
+    integrity: str  # "sha1", "sha256" or "both": what the response carries
+
+
+class _ChannelRoute:
+    """The ChannelData fast path: (5-tuple, channel number) -> where to send."""
+
+    __slots__ = ("allocation", "channel", "relay")
+
+    def __init__(self, allocation: Allocation, channel: Channel, relay: RelayEndpoint) -> None:
+        self.allocation = allocation
+        self.channel = channel
+        self.relay = relay
+
+
+class TurnCore:
+    def __init__(
+        self,
+        *,
+        config: CoreConfig,
+        credentials: CredentialStore,
+        nonces: NonceManager,
+        policy: PeerPolicy,
+        relay_ports: RelayPorts,
+        random_bytes: Callable[[int], bytes],
+        on_allocation_end: Callable[[Allocation, str, float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.credentials = credentials
+        self.nonces = nonces
+        self.policy = policy
+        self.relay_ports = relay_ports
+        self.random_bytes = random_bytes
+        self.on_allocation_end = on_allocation_end
+        self.stats = CoreStats()
+        self.draining = False
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self._by_relay: dict[RelayEndpoint, Allocation] = {}
+        self._routes: dict[tuple[FiveTuple, int], _ChannelRoute] = {}
+        self._user_counts: dict[str, int] = {}
+        self._reservations: dict[bytes, tuple[RelayEndpoint, float]] = {}
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._timer_seq = 0
+        self._set_external(config.external_addresses)
+
+    # ------------------------------------------------------------------ configuration
+
+    def _set_external(self, external: Mapping[str, str]) -> None:
+        self._bound_to_external = dict(external)
+        self._external_to_bound = {ext: bound for bound, ext in external.items()}
+
+    def reconfigure(
+        self,
+        *,
+        config: CoreConfig | None = None,
+        credentials: CredentialStore | None = None,
+        policy: PeerPolicy | None = None,
+    ) -> None:
+        """Swap configuration on reload; allocations, permissions and channels stay."""
+        if config is not None:
+            self.config = config
+            self._set_external(config.external_addresses)
+        if credentials is not None:
+            self.credentials = credentials
+        if policy is not None:
+            self.policy = policy
+
+    # ------------------------------------------------------------------ timers
+
+    def _schedule(self, when: float, kind: str, obj: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, kind, obj))
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, obj = heapq.heappop(timers)
+            if kind == "allocation":
+                if obj.alive and obj.expires_at <= now:
+                    self._end_allocation(obj, "expired", now)
+            elif kind == "permission":
+                allocation, ip = obj
+                expires_at = allocation.permissions.get(ip)
+                if expires_at is not None and expires_at <= now:
+                    del allocation.permissions[ip]
+            elif kind == "channel":
+                allocation, channel = obj
+                if channel.expires_at <= now and allocation.channels.get(channel.number) is channel:
+                    self._unbind_channel(allocation, channel)
+            elif kind == "reservation":
+                entry = self._reservations.get(obj)
+                if entry is not None and entry[1] <= now:
+                    del self._reservations[obj]
+                    self.relay_ports.release(entry[0])
+
+    # ------------------------------------------------------------------ client STUN
+
+    def handle_stun(
+        self, data: bytes, five_tuple: FiveTuple, now: float, sink: Any = None
+    ) -> bytes | SendToPeer | None:
+        """One STUN message from a client. Never raises on any input."""
+        try:
+            msg = decode_message(data)
+        except MalformedMessageError as exc:
+            # RFC 8489 §6.3: a sound header with bad attributes -> 400 for requests only.
+            self.stats.dropped["malformed"] += 1
+            if exc.msg_class == MessageClass.REQUEST:
+                reply = Message(exc.method, MessageClass.ERROR, exc.transaction_id)
+                reply.add(Attr.ERROR_CODE, (400, "Bad Request"))
+                self._count_request(exc.method, 400)
+                return encode_message(reply)
+            return None
+        except StunDecodeError:
+            self.stats.dropped["not_stun"] += 1
+            return None
+        try:
+            if msg.msg_class == MessageClass.REQUEST:
+                return self._handle_request(msg, five_tuple, now, sink)
+            if msg.msg_class == MessageClass.INDICATION:
+                if msg.method == Method.SEND:
+                    return self._handle_send(msg, five_tuple, now)
+                self.stats.dropped["unexpected_indication"] += 1
+                return None
+            # RFC 8489 §6.3.3: a response we never asked for.
+            self.stats.dropped["unsolicited_response"] += 1
+            return None
+        except Exception:  # last resort: one bad message must not take the listener down
+            self.stats.dropped["internal_error"] += 1
+            if msg.msg_class == MessageClass.REQUEST:
+                reply = Message(msg.method, MessageClass.ERROR, msg.transaction_id)
+                reply.add(Attr.ERROR_CODE, (500, "Server Error"))
+                return encode_message(reply)
+            return None
+
+    def _count_request(self, method: int, code: int) -> None:
+        self.stats.requests[(METHOD_NAMES.get(method, "other"), code)] += 1
+
+    def _handle_request(
+        self, msg: Message, five_tuple: FiveTuple, now: float, sink: Any
+    ) -> bytes:
+        auth: _Auth | None = None
+        try:
+            unknown = msg.unknown_comprehension_required()
+            if unknown:
+                # RFC 8489 §6.3.1: unknown comprehension-required attributes -> 420.
+                raise error(420, attributes=[(Attr.UNKNOWN_ATTRIBUTES, unknown)], label="unknown_attribute")
+            method = msg.method
+            if method == Method.BINDING:
+                reply = self._handle_binding(msg, five_tuple)
+            elif method in (Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND):
+                auth = self._authenticate(msg, five_tuple, now)
+                if method == Method.ALLOCATE:
+                    reply = self._handle_allocate(msg, auth, five_tuple, now, sink)
+                elif method == Method.REFRESH:
+                    reply = self._handle_refresh(msg, auth, five_tuple, now)
+                elif method == Method.CREATE_PERMISSION:
+                    reply = self._handle_create_permission(msg, auth, five_tuple, now)
+                else:
+                    reply = self._handle_channel_bind(msg, auth, five_tuple, now)
+            else:
+                # RFC 8656 §6.2 (RFC 6062's Connect and friends are not offered).
+                raise error(400, "Unsupported method", label="bad_request")
+        except TurnError as exc:
+            if msg.method == Method.ALLOCATE and exc.label != "challenge":
+                self.stats.allocations_refused[_refusal_reason(exc)] += 1
+            self._count_request(msg.method, exc.code)
+            return self._error_response(msg, exc, auth, five_tuple)
+        self._count_request(msg.method, 200)
+        if isinstance(reply, bytes):
+            return reply
+        return self._encode_reply(msg, reply, auth)
+
+    def _encode_reply(self, request: Message, reply: Message, auth: _Auth | None) -> bytes:
+        if self.config.software:
+            reply.add(Attr.SOFTWARE, self.config.software)
+        return encode_message(
+            reply,
+            key=auth.key if auth else None,
+            integrity=auth.integrity if auth else "sha1",
+            fingerprint=Attr.FINGERPRINT in request,
+        )
+
+    def _error_response(
+        self, msg: Message, exc: TurnError, auth: _Auth | None, five_tuple: FiveTuple
+    ) -> bytes:
+        reply = Message(msg.method, MessageClass.ERROR, msg.transaction_id)
+        reply.add(Attr.ERROR_CODE, (exc.code, exc.reason))
+        for attr_type, value in exc.attributes:
+            reply.add(attr_type, value)
+        if exc.code in (401, 438):
+            # RFC 8489 §9.2.4: a challenge carries REALM, a fresh NONCE and, with the
+            # security-feature cookie in the nonce, the algorithms we accept.
+            reply.add(Attr.REALM, self.credentials.realm)
+            reply.add(Attr.NONCE, self.nonces.make(five_tuple[1][0]))
+            reply.add(Attr.PASSWORD_ALGORITHMS, SERVER_PASSWORD_ALGORITHMS)
+            auth = None  # RFC 8489 §9.2.4: no integrity on 401/438
+        return self._encode_reply(msg, reply, auth)
+
+    # ------------------------------------------------------------------ authentication
+
+    def _authenticate(self, msg: Message, five_tuple: FiveTuple, now: float) -> _Auth:
+        """RFC 8489 §9.2.4, long-term credentials, in the RFC's order."""
+        stats = self.stats
+        has_mi = Attr.MESSAGE_INTEGRITY in msg
+        has_mi256 = Attr.MESSAGE_INTEGRITY_SHA256 in msg
+        if not has_mi and not has_mi256:
+            raise error(401, label="challenge")  # the first, unauthenticated request
+        username = msg.get(Attr.USERNAME)
+        user_hash = msg.get(Attr.USERHASH)
+        nonce = msg.get(Attr.NONCE)
+        if (username is None and user_hash is None) or msg.get(Attr.REALM) is None or nonce is None:
+            stats.auth_failures["bad_request"] += 1
+            raise error(400, "Missing USERNAME, REALM or NONCE", label="auth")
+        verdict = self.nonces.check(nonce, five_tuple[1][0])
+        if verdict != "ok":
+            stats.auth_failures["stale_nonce" if verdict == "stale" else "bad_nonce"] += 1
+            raise error(438, label="auth")
+        algorithm = ALGORITHM_MD5
+        algorithms = msg.get(Attr.PASSWORD_ALGORITHMS)
+        chosen = msg.get(Attr.PASSWORD_ALGORITHM)
+        if (algorithms is not None or chosen is not None) and NonceManager.has_password_algorithms_feature(nonce):
+            # RFC 8489 §9.2.4: PASSWORD-ALGORITHMS must echo ours and PASSWORD-ALGORITHM be one of them.
+            if algorithms is None or chosen is None or list(algorithms) != SERVER_PASSWORD_ALGORITHMS:
+                stats.auth_failures["bad_request"] += 1
+                raise error(400, "PASSWORD-ALGORITHMS mismatch", label="auth")
+            if chosen[0] not in (ALGORITHM_MD5, ALGORITHM_SHA256):
+                stats.auth_failures["bad_request"] += 1
+                raise error(400, "Unsupported PASSWORD-ALGORITHM", label="auth")
+            algorithm = chosen[0]
+        if username is None:
+            found = self.credentials.lookup_userhash(user_hash, algorithm)
+            if found is None:
+                stats.auth_failures["unknown_user"] += 1
+                raise error(401, label="auth")
+            username, keys = found
+        else:
+            keys = self.credentials.lookup(username, algorithm)
+        if not keys:
+            stats.auth_failures["unknown_user"] += 1
+            raise error(401, label="auth")
+        key = None
+        for candidate in keys:
+            if has_mi256:
+                ok = verify_message_integrity_sha256(msg, candidate)
+            else:
+                ok = verify_message_integrity(msg, candidate)
+            if ok:
+                key = candidate
+                break
+        if key is None:
+            stats.auth_failures["bad_integrity"] += 1
+            raise error(401, label="auth")
+        if self.credentials.is_expired(username):
+            # An expired REST username never makes a new allocation; whether it may keep an
+            # existing one alive is the operator's choice (allow_refresh_after_expiry).
+            if msg.method == Method.ALLOCATE or not self.config.allow_refresh_after_expiry:
+                stats.auth_failures["expired_username"] += 1
+                raise error(401, "Credentials expired", label="auth")
+        integrity = "both" if (has_mi and has_mi256) else ("sha256" if has_mi256 else "sha1")
+        return _Auth(username, key, algorithm, integrity)
+
+    def _allocation_for(self, auth: _Auth, five_tuple: FiveTuple, now: float) -> Allocation:
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None or allocation.expires_at <= now:
+            # RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple -> 437.
+            raise error(437, label="mismatch")
+        if allocation.username != auth.username:
+            # RFC 8656 §5: the same credentials as the Allocate, else 441.
+            raise error(441, label="auth")
+        return allocation
+
+    # ------------------------------------------------------------------ Binding
+
+    def _handle_binding(self, msg: Message, five_tuple: FiveTuple) -> Message:
+        # RFC 8489 §6.3.1: answered on every listener, without authentication.
+        reply = Message(Method.BINDING, MessageClass.SUCCESS, msg.transaction_id)
+        reply.add(Attr.XOR_MAPPED_ADDRESS, five_tuple[1])
+        return reply
+
+    # ------------------------------------------------------------------ Allocate
+
+    def _handle_allocate(
+        self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float, sink: Any
+    ) -> Message | bytes:
+        existing = self.allocations.get(five_tuple)
+        if existing is not None and existing.expires_at > now:
+            if existing.transaction_id == msg.transaction_id:
+                # RFC 8656 §7.2 step 2: a retransmitted Allocate gets the same answer.
+                return existing.response
+            raise error(437, label="mismatch")
+        if existing is not None:
+            self._end_allocation(existing, "expired", now)
+        if self.draining:
+            if self.config.alternate_server is not None:
+                raise error(300, attributes=[(Attr.ALTERNATE_SERVER, self.config.alternate_server)],
+                            label="draining")
+            raise error(508, "Server is draining", label="draining")
+
+        transport = msg.get(Attr.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise error(400, "Missing REQUESTED-TRANSPORT", label="bad_request")
+        if transport != REQUESTED_TRANSPORT_UDP:
+            raise error(442, label="bad_request")  # RFC 8656 §7.2 step 4
+        dont_fragment = Attr.DONT_FRAGMENT in msg
+        if dont_fragment and not self.relay_ports.supports_dont_fragment():
+            # RFC 8656 §7.2 step 5
+            raise error(420, attributes=[(Attr.UNKNOWN_ATTRIBUTES, [Attr.DONT_FRAGMENT])],
+                        label="bad_request")
+
+        token = msg.get(Attr.RESERVATION_TOKEN)
+        even_port = msg.get(Attr.EVEN_PORT)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
+        if token is not None and (even_port is not None or requested_family is not None
+                                  or additional_family is not None):
+            # RFC 8656 §7.2 steps 6 and 7
+            raise error(400, "RESERVATION-TOKEN with EVEN-PORT or an address family", label="bad_request")
+        if requested_family is not None and additional_family is not None:
+            raise error(400, "Both REQUESTED- and ADDITIONAL-ADDRESS-FAMILY", label="bad_request")
+        if additional_family is not None and additional_family != 2:
+            raise error(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6", label="bad_request")
+        if additional_family is not None and even_port:
+            raise error(400, "EVEN-PORT reservation with a dual allocation", label="bad_request")
+        if requested_family is not None and requested_family not in (1, 2):
+            raise error(440, label="bad_request")
+
+        quota = self.config.user_quota
+        if quota and self._user_counts.get(auth.username, 0) >= quota:
+            raise error(486, label="quota")
+        if self.config.max_allocations and len(self.allocations) >= self.config.max_allocations:
+            raise error(508, label="capacity")
+
+        available = self.relay_ports.families()
+        relays: list[RelayEndpoint] = []
+        response_extra: list[tuple[int, Any]] = []
+        new_token: bytes | None = None
+        if token is not None:
+            entry = self._reservations.pop(token, None)
+            if entry is None or entry[1] <= now:
+                if entry is not None:
+                    self.relay_ports.release(entry[0])
+                raise error(508, "Unknown or expired RESERVATION-TOKEN", label="capacity")
+            relays.append(entry[0])
+        else:
+            family = requested_family or 1
+            if family not in available:
+                raise error(440, label="capacity")
+            bound = self.relay_ports.allocate(
+                family, even_port=even_port is not None, reserve_next=bool(even_port),
+                dont_fragment=dont_fragment,
+            )
+            if bound is None:
+                raise error(508, label="capacity")
+            relays.append(bound[0])
+            if bound[1] is not None:
+                new_token = self.random_bytes(8)
+                self._reservations[new_token] = (bound[1], now + RESERVATION_LIFETIME_S)
+                self._schedule(now + RESERVATION_LIFETIME_S, "reservation", new_token)
+            if additional_family is not None:
+                second = self.relay_ports.allocate(2, dont_fragment=dont_fragment) if 2 in available else None
+                if second is None:
+                    # RFC 8656 §7.2: the IPv4 allocation stands; say why IPv6 did not.
+                    response_extra.append((Attr.ADDRESS_ERROR_CODE, (2, 440, "Address Family not Supported")))
+                else:
+                    relays.append(second[0])
+
+        lifetime = compute_lifetime(msg.get(Attr.LIFETIME), self.config.default_lifetime_s,
+                                    self.config.max_lifetime_s)
+        allocation = Allocation(
+            five_tuple, sink, auth.username, self.credentials.realm, auth.key, auth.algorithm,
+            auth.integrity, relays, now, lifetime, msg.transaction_id,
+        )
+        allocation.reservation_token = new_token
+        self.allocations[five_tuple] = allocation
+        for relay in relays:
+            self._by_relay[relay] = allocation
+        self._user_counts[auth.username] = self._user_counts.get(auth.username, 0) + 1
+        self._schedule(allocation.expires_at, "allocation", allocation)
+        family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
+        self.stats.allocations_created[(five_tuple[0], family_label)] += 1
+
+        reply = Message(Method.ALLOCATE, MessageClass.SUCCESS, msg.transaction_id)
+        for relay in relays:
+            reply.add(Attr.XOR_RELAYED_ADDRESS, self._advertised(relay.address))
+        reply.add(Attr.LIFETIME, lifetime)
+        if new_token is not None:
+            reply.add(Attr.RESERVATION_TOKEN, new_token)
+        for item in response_extra:
+            reply.add(*item)
+        reply.add(Attr.XOR_MAPPED_ADDRESS, five_tuple[1])
+        allocation.response = self._encode_reply(msg, reply, auth)
+        return allocation.response
+
+    def _advertised(self, address: Address) -> Address:
+        external = self._bound_to_external.get(address[0])
+        return (external, address[1]) if external else address
+
+    # ------------------------------------------------------------------ Refresh
+
+    def _handle_refresh(self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float) -> Message:
+        allocation = self._allocation_for(auth, five_tuple, now)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if requested_family is not None and requested_family not in allocation.families():
+            raise error(443, label="bad_request")  # RFC 8656 §7.3
+        requested = msg.get(Attr.LIFETIME)
+        if requested == 0:
+            # RFC 8656 §7.3: lifetime 0 deletes the allocation at once.
+            self._end_allocation(allocation, "deleted", now)
+            lifetime = 0
+        else:
+            lifetime = compute_lifetime(requested, self.config.default_lifetime_s,
+                                        self.config.max_lifetime_s)
+            allocation.lifetime_s = lifetime
+            allocation.expires_at = now + lifetime
+            self._schedule(allocation.expires_at, "allocation", allocation)
+        reply = Message(Method.REFRESH, MessageClass.SUCCESS, msg.transaction_id)
+        reply.add(Attr.LIFETIME, lifetime)
+        return reply
+
+    # ------------------------------------------------------------------ permissions
+
+    def _checked_peer(self, allocation: Allocation, peer: Address, with_port: bool) -> Address:
+        """Family and policy checks shared by CreatePermission and ChannelBind."""
+        if family_of(peer[0]) not in allocation.families():
+            raise error(443, label="bad_request")  # RFC 8656 §9.2, §11.2
+        decision = self.policy.check(peer[0], peer[1] if with_port else None)
+        if not decision.allowed:
+            self.stats.policy_refusals[decision.reason] += 1
+            raise error(403, "Peer address not allowed", label="policy")
+        if decision.target is not None:
+            return decision.target
+        return (self._external_to_bound.get(peer[0], peer[0]), peer[1])
+
+    def _install_permission(self, allocation: Allocation, ip: str, now: float) -> None:
+        expires_at = now + PERMISSION_LIFETIME_S
+        allocation.permissions[ip] = expires_at
+        allocation.peers_seen.add(ip)
+        self._schedule(expires_at, "permission", (allocation, ip))
+
+    def _handle_create_permission(
+        self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float
+    ) -> Message:
+        allocation = self._allocation_for(auth, five_tuple, now)
+        peers = msg.get_all(Attr.XOR_PEER_ADDRESS)
+        if not peers:
+            raise error(400, "Missing XOR-PEER-ADDRESS", label="bad_request")
+        # RFC 8656 §9.2: every address is checked before any permission is installed.
+        targets = [self._checked_peer(allocation, peer, with_port=False) for peer in peers]
+        for target in targets:
+            self._install_permission(allocation, target[0], now)
+        return Message(Method.CREATE_PERMISSION, MessageClass.SUCCESS, msg.transaction_id)
+
+    # ------------------------------------------------------------------ channels
+
+    def _handle_channel_bind(
+        self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float
+    ) -> Message:
+        allocation = self._allocation_for(auth, five_tuple, now)
+        number = msg.get(Attr.CHANNEL_NUMBER)
+        peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        if number is None or peer is None:
+            raise error(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS", label="bad_request")
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            raise error(400, "Channel number out of range", label="bad_request")  # RFC 8656 §11.2
+        target = self._checked_peer(allocation, peer, with_port=True)
+        bound = allocation.channels.get(number)
+        if bound is not None and bound.expires_at > now and bound.peer != target:
+            raise error(400, "Channel bound to another peer", label="bad_request")
+        other = allocation.peer_channels.get(target)
+        if other is not None and other.expires_at > now and other.number != number:
+            raise error(400, "Peer bound to another channel", label="bad_request")
+        if bound is not None and bound.expires_at <= now:
+            self._unbind_channel(allocation, bound)
+            bound = None
+        if other is not None and other.expires_at <= now and allocation.channels.get(other.number) is other:
+            self._unbind_channel(allocation, other)
+        expires_at = now + CHANNEL_LIFETIME_S
+        if bound is None:
+            channel = Channel(number, target, expires_at)
+            allocation.channels[number] = channel
+            allocation.peer_channels[target] = channel
+            relay = allocation.relay_for_family(family_of(target[0]))
+            assert relay is not None  # _checked_peer made sure of the family
+            self._routes[(allocation.five_tuple, number)] = _ChannelRoute(allocation, channel, relay)
+        else:
+            channel = bound
+            channel.expires_at = expires_at  # RFC 8656 §11.2: a rebind refreshes
+        self._schedule(expires_at, "channel", (allocation, channel))
+        # RFC 8656 §11.2: binding a channel installs or refreshes the permission too.
+        self._install_permission(allocation, target[0], now)
+        return Message(Method.CHANNEL_BIND, MessageClass.SUCCESS, msg.transaction_id)
+
+    def _unbind_channel(self, allocation: Allocation, channel: Channel) -> None:
+        allocation.channels.pop(channel.number, None)
+        if allocation.peer_channels.get(channel.peer) is channel:
+            del allocation.peer_channels[channel.peer]
+        self._routes.pop((allocation.five_tuple, channel.number), None)
+
+    # ------------------------------------------------------------------ data paths
+
+    def _handle_send(self, msg: Message, five_tuple: FiveTuple, now: float) -> SendToPeer | None:
+        """RFC 8656 §10.2: a Send indication; anything wrong drops it silently."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None or allocation.expires_at <= now:
+            self.stats.dropped["no_allocation"] += 1
+            return None
+        peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        data = msg.get(Attr.DATA)
+        if peer is None or data is None:
+            self.stats.dropped["bad_indication"] += 1
+            return None
+        decision = self.policy.check(peer[0], peer[1])
+        if not decision.allowed or decision.target is None:
+            self.stats.policy_refusals[decision.reason] += 1
+            self.stats.dropped["policy"] += 1
+            return None
+        target = decision.target
+        if allocation.permissions.get(target[0], 0.0) <= now:
+            self.stats.dropped["no_permission"] += 1
+            return None
+        relay = allocation.relay_for_family(family_of(target[0]))
+        if relay is None:
+            self.stats.dropped["family_mismatch"] += 1
+            return None
+        allocation.bytes_to_peer += len(data)
+        allocation.packets_to_peer += 1
+        return SendToPeer(relay, data, target)
+
+    def handle_channel_data(self, data: bytes, five_tuple: FiveTuple, now: float) -> SendToPeer | None:
+        """RFC 8656 §12.4-12.5: ChannelData from a client (the hot path)."""
+        if len(data) < 4:
+            self.stats.dropped["malformed"] += 1
+            return None
+        number, length = _CHANNEL_HEADER.unpack_from(data)
+        route = self._routes.get((five_tuple, number))
+        if route is None:
+            self.stats.dropped["unbound_channel"] += 1
+            return None
+        channel = route.channel
+        allocation = route.allocation
+        if channel.expires_at <= now or allocation.expires_at <= now:
+            self.stats.dropped["unbound_channel"] += 1
+            return None
+        if len(data) < 4 + length:
+            self.stats.dropped["malformed"] += 1
+            return None
+        peer = channel.peer
+        if allocation.permissions.get(peer[0], 0.0) <= now:
+            self.stats.dropped["no_permission"] += 1
+            return None
+        allocation.bytes_to_peer += length
+        allocation.packets_to_peer += 1
+        return SendToPeer(route.relay, data[4:4 + length], peer)
+
+    def handle_peer_data(
+        self, relay: RelayEndpoint, data: bytes, peer: Address, now: float
+    ) -> tuple[Any, bytes] | None:
+        """RFC 8656 §11.3 / §12.5: a datagram from a peer toward the client."""
+        allocation = self._by_relay.get(relay)
+        if allocation is None or allocation.expires_at <= now:
+            self.stats.dropped["no_allocation"] += 1
+            return None
+        if allocation.permissions.get(peer[0], 0.0) <= now:
+            # RFC 8656 §10.3: no permission -> silently discarded.
+            self.stats.dropped["no_permission"] += 1
+            return None
+        allocation.bytes_to_client += len(data)
+        allocation.packets_to_client += 1
+        channel = allocation.peer_channels.get(peer)
+        if channel is not None and channel.expires_at > now:
+            frame = _CHANNEL_HEADER.pack(channel.number, len(data)) + data
+            if allocation.five_tuple[0] != "udp" and len(data) & 3:
+                frame += b"\x00" * (4 - (len(data) & 3))  # RFC 8656 §12.5: pad on streams
+            return allocation.sink, frame
+        external = self._bound_to_external.get(peer[0])
+        shown = (external, peer[1]) if external else peer
+        indication = Message(Method.DATA, MessageClass.INDICATION)
+        indication.add(Attr.XOR_PEER_ADDRESS, shown)
+        indication.add(Attr.DATA, data)
+        return allocation.sink, encode_message(indication)
+
+    # ------------------------------------------------------------------ ending allocations
+
+    def connection_closed(self, five_tuple: FiveTuple, now: float) -> None:
+        """A stream client went away: its allocation goes at once (RFC 8656 §7)."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is not None:
+            self._end_allocation(allocation, "connection_closed", now)
+
+    def shutdown(self, now: float) -> None:
+        for allocation in list(self.allocations.values()):
+            self._end_allocation(allocation, "shutdown", now)
+        for relay, _ in self._reservations.values():
+            self.relay_ports.release(relay)
+        self._reservations.clear()
+
+    def _end_allocation(self, allocation: Allocation, reason: str, now: float) -> None:
+        if not allocation.alive:
+            return
+        allocation.alive = False
+        if self.allocations.get(allocation.five_tuple) is allocation:
+            del self.allocations[allocation.five_tuple]
+        for relay in allocation.relays:
+            if self._by_relay.get(relay) is allocation:
+                del self._by_relay[relay]
+            self.relay_ports.release(relay)
+        for number in list(allocation.channels):
+            self._routes.pop((allocation.five_tuple, number), None)
+        count = self._user_counts.get(allocation.username, 1) - 1
+        if count > 0:
+            self._user_counts[allocation.username] = count
+        else:
+            self._user_counts.pop(allocation.username, None)
+        transport = allocation.five_tuple[0]
+        up = self.stats.ended_traffic[("client_to_peer", transport)]
+        up[0] += allocation.bytes_to_peer
+        up[1] += allocation.packets_to_peer
+        down = self.stats.ended_traffic[("peer_to_client", transport)]
+        down[0] += allocation.bytes_to_client
+        down[1] += allocation.packets_to_client
+        self.stats.allocations_ended[reason] += 1
+        if self.on_allocation_end is not None:
+            self.on_allocation_end(allocation, reason, now)
+
+
+def _refusal_reason(exc: TurnError) -> str:
+    """Low-cardinality reason for an Allocate that did not succeed."""
+    label = exc.label
+    if label in ("auth", "quota", "capacity", "policy", "draining", "mismatch"):
+        return label
+    return "bad_request"

@@ -1,0 +1,35 @@
+"""Plain integer counters kept by the core and read at scrape time.
+
+Nothing here takes a lock: the per-packet path only adds to ints and dict entries, and the
+metrics collector sums them when Prometheus asks (see turnserver/metrics.py).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+class CoreStats:
+    __slots__ = (
+        "allocations_created", "allocations_refused", "allocations_ended", "requests",
+        "auth_failures", "policy_refusals", "dropped", "ended_traffic",
+    )
+
+    def __init__(self) -> None:
+        # (client transport, family "ipv4"/"ipv6"/"dual") -> count
+        self.allocations_created: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # reason: auth, quota, capacity, policy, draining, bad_request, mismatch, ...
+        self.allocations_refused: defaultdict[str, int] = defaultdict(int)
+        # reason: expired, deleted, connection_closed, shutdown
+        self.allocations_ended: defaultdict[str, int] = defaultdict(int)
+        # (method name, result code; 200 for success) -> count
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        # reason: unknown_user, bad_integrity, stale_nonce, expired_username, bad_request
+        self.auth_failures: defaultdict[str, int] = defaultdict(int)
+        # the policy's reason label -> count
+        self.policy_refusals: defaultdict[str, int] = defaultdict(int)
+        # reason -> count of packets dropped
+        self.dropped: defaultdict[str, int] = defaultdict(int)
+        # (direction "client_to_peer"/"peer_to_client", transport) -> [bytes, packets] of
+        # allocations that have ended; live allocations are summed at scrape time.
+        self.ended_traffic: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
