@@ -1,0 +1,163 @@
+"""The ``turnd`` command: serve, mint credentials, check configuration, and more.
+
+The command is called ``turnd`` so it never shadows coturn's ``turnserver``/``turnutils_*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets as _secrets
+import signal
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import (
+    SECRETS_ENV,
+    Config,
+    ConfigError,
+    check_config,
+    click_options,
+    load_config,
+    load_secrets,
+    overrides_from_click,
+)
+from .credentials import mint_credentials
+
+log = logging.getLogger("turnd")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"turnd: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str | None, kwargs: dict[str, Any]) -> Config:
+    """Load and check the configuration; every problem at once, then exit 2."""
+    try:
+        config = load_config(config_path, env=os.environ, overrides=overrides_from_click(kwargs))
+    except ConfigError as exc:
+        _fail(f"configuration has problems:\n{exc}")
+        raise AssertionError("unreachable")
+    problems = check_config(config, env=os.environ)
+    if problems:
+        _fail("configuration has problems:\n" + "\n".join(str(p) for p in problems))
+    return config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="turnd")
+def main() -> None:
+    """turnd: a TURN/STUN relay server (RFC 8489, RFC 8656)."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              envvar="TURND_CONFIG", help="TOML configuration file (default /etc/turnd/turnd.toml if present).")
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the bound listeners as JSON to this file once serving (for tests and scripts).")
+@click_options
+def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> None:
+    """Run the relay server."""
+    config = _load(config_path, kwargs)
+    from .logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
+    secrets = load_secrets(config, os.environ)
+    static_users: dict[str, str | bytes] = {}
+    if config.static_users_file:
+        from .auth import CredentialStore
+
+        static_users = CredentialStore.load_static_users(config.static_users_file)
+    if not secrets and not static_users:
+        # Embedded defaults: a fresh shared secret, shown once on the terminal (not logged).
+        generated = _secrets.token_urlsafe(32)
+        secrets = [generated.encode()]
+        click.echo(
+            "turnd: no secrets_file configured; generated a shared secret for this run:\n"
+            f"  {generated}\n"
+            "Mint browser credentials for it with:\n"
+            f"  {SECRETS_ENV}='{generated}' turnd mint --user alice --host <this host's address>\n"
+            "Set secrets_file (one secret per line) to keep it across restarts.",
+            err=True,
+        )
+    from .io.run import run_server
+
+    sys.exit(run_server(config, secrets=secrets, static_users=static_users, ready_file=ready_file))
+
+
+@main.command()
+@click.option("--user", required=True, help="User id placed after the expiry in the username (no ':').")
+@click.option("--ttl", type=click.IntRange(min=1), default=86400, show_default=True,
+              help="Seconds the credentials stay valid.")
+@click.option("--host", default=None, help="Public host name or IP of the server for the URLs "
+              "(default: public_host from the configuration).")
+@click.option("--format", "fmt", type=click.Choice(["json", "plain"]), default="json", show_default=True,
+              help="json: what a browser's RTCPeerConnection takes; plain: USERNAME/PASSWORD lines for scripts.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              envvar="TURND_CONFIG", help="TOML configuration file, for secrets_file, ports and public_host.")
+@click.option("--secrets-file", default=None, type=click.Path(dir_okay=False),
+              help=f"File of shared secrets (the first mints). Or set {SECRETS_ENV}.")
+def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | None,
+         secrets_file: str | None) -> None:
+    """Mint time-limited TURN REST credentials (the secret never comes from argv)."""
+    overrides: dict[str, Any] = {}
+    if secrets_file:
+        overrides["secrets_file"] = secrets_file
+    try:
+        config = load_config(config_path, env=os.environ, overrides=overrides)
+        secrets = load_secrets(config, os.environ)
+    except (ConfigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    if not secrets:
+        _fail(f"no shared secret: set secrets_file (--secrets-file) or the {SECRETS_ENV} environment variable")
+        return
+    host = host or config.public_host
+    ports = _public_ports(config)
+    try:
+        creds = mint_credentials(secrets[0], user, ttl, host=host, **ports)
+    except ValueError as exc:
+        _fail(f"--user/--ttl: {exc}")
+        return
+    if fmt == "json":
+        click.echo(creds.to_json())
+    else:
+        click.echo(f"USERNAME={creds.username}")
+        click.echo(f"PASSWORD={creds.password}")
+        click.echo(f"EXPIRES_AT={creds.expires_at}")
+        for url in creds.urls:
+            click.echo(f"URL={url}")
+
+
+def _public_ports(config: Config) -> dict[str, int | None]:
+    def first_port(specs: tuple[str, ...]) -> int | None:
+        for spec in specs:
+            return int(spec.rsplit(":", 1)[1])
+        return None
+
+    udp = first_port(config.listen_udp)
+    return {
+        "udp_port": udp if udp is not None else 3478,
+        "tcp_port": first_port(config.listen_tcp),
+        "tls_port": first_port(config.listen_tls),
+    }
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules."""
+    from .config_commands import check, convert_coturn
+
+    main.add_command(check)
+    main.add_command(convert_coturn)
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

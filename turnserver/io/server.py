@@ -1,0 +1,343 @@
+"""The daemon: binds listeners and relays around the sans-IO core and runs them on one loop.
+
+Everything that touches sockets, the clock or the event loop for the relay lives here and in
+its sibling modules (relay.py for relay ports, stream.py for TCP/TLS). The TURN logic is in
+turnserver/turn and never sees a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..auth import CredentialStore, NonceManager
+from ..config import Config, load_secrets, parse_hostport
+from ..policy import PeerPolicy
+from ..turn.allocation import Address, Allocation, FiveTuple
+from ..turn.core import CoreConfig, SendToPeer, TurnCore
+from .relay import RelayPortPool, UdpRelay, detect_relay_addresses
+
+log = logging.getLogger("turnd")
+usage_log = logging.getLogger("turnd.usage")
+
+_RECV_SIZE = 65536
+_DRAIN_BATCH = 64
+_LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class UdpSink:
+    """The way back to a UDP client: the listener socket it wrote to, and its address."""
+
+    __slots__ = ("sock", "addr")
+
+    def __init__(self, sock: socket.socket, addr: Address) -> None:
+        self.sock = sock
+        self.addr = addr
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendto(data, self.addr)
+        except OSError:
+            pass  # full buffer: it is media, drop it
+
+
+@dataclass
+class Listener:
+    transport: str  # "udp", "tcp" or "tls"
+    address: Address  # the bound address (real port when 0 was asked)
+    sock: socket.socket | None = None
+    server: Any = None  # asyncio.Server for streams
+
+
+@dataclass
+class RuntimeState:
+    """What start-up derived from the configuration (for tests, probes and the ready file)."""
+
+    relay_addresses: list[str] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            # So that "0.0.0.0:3478" and "[::]:3478" can both be bound.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _LISTENER_BUFFER_BYTES)
+            except OSError:
+                pass
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
+    external: dict[str, str] = {}
+    for item in config.external_addresses:
+        if "=" in item:
+            ext, bound = item.split("=", 1)
+            external[bound.strip()] = ext.strip()
+        elif relay_addresses:
+            external[relay_addresses[0]] = item.strip()
+    alternate = None
+    if config.alternate_server:
+        alternate = parse_hostport(config.alternate_server, "alternate_server")
+    return CoreConfig(
+        realm=config.realm,
+        software=config.software,
+        default_lifetime_s=config.default_lifetime_s,
+        max_lifetime_s=config.max_lifetime_s,
+        max_allocations=config.max_allocations,
+        user_quota=config.user_quota,
+        allow_refresh_after_expiry=config.allow_refresh_after_expiry,
+        external_addresses=external,
+        alternate_server=alternate,
+    )
+
+
+class TurnServer:
+    """Owns the core, the listeners and the relay ports; one per process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        secrets: list[bytes],
+        static_users: dict[str, str | bytes] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.static_users = static_users or {}
+        self.wall_clock = wall_clock
+        self.random_bytes = random_bytes
+        self.state = RuntimeState()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.core: TurnCore | None = None
+        self.relays: RelayPortPool | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._udp_socks: list[socket.socket] = []
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ assembly
+
+    def _listening_pairs(self) -> list[tuple[str, int]]:
+        return [(lst.address[0], lst.address[1]) for lst in self.state.listeners]
+
+    def build_policy(self, config: Config) -> PeerPolicy:
+        core_cfg = core_config_from(config, self.state.relay_addresses)
+        return PeerPolicy(
+            allow=config.allowed_peers,
+            deny=config.denied_peers,
+            relay_addresses=self.state.relay_addresses,
+            external_addresses={ext: bound for bound, ext in core_cfg.external_addresses.items()},
+            relay_port_range=(config.relay_port_min, config.relay_port_max),
+            listening=self._listening_pairs(),
+        )
+
+    def build_credentials(self, config: Config) -> CredentialStore:
+        return CredentialStore(
+            realm=config.realm, secrets=self.secrets, static_users=self.static_users,
+            wall_clock=self.wall_clock,
+        )
+
+    async def start(self) -> None:
+        config = self.config
+        self.loop = loop = asyncio.get_running_loop()
+        self.state.relay_addresses = list(config.relay_addresses) or detect_relay_addresses()
+        self.relays = RelayPortPool(
+            loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
+            self._on_peer_datagram,
+        )
+        try:
+            for spec in config.listen_udp:
+                host, port = parse_hostport(spec, "listen_udp")
+                sock = bind_udp(host, port)
+                self._udp_socks.append(sock)
+                bound = sock.getsockname()
+                self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
+            await self._start_streams()
+        except BaseException:
+            self._close_listeners()
+            raise
+        self.core = TurnCore(
+            config=core_config_from(config, self.state.relay_addresses),
+            credentials=self.build_credentials(config),
+            nonces=NonceManager(
+                key=self.random_bytes(32), lifetime_s=config.nonce_lifetime_s,
+                wall_clock=self.wall_clock, random_bytes=self.random_bytes,
+            ),
+            policy=self.build_policy(config),
+            relay_ports=self.relays,
+            random_bytes=self.random_bytes,
+            on_allocation_end=self._on_allocation_end,
+        )
+        for lst in self.state.listeners:
+            if lst.transport == "udp" and lst.sock is not None:
+                loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address)
+            log.info("listening %s %s", lst.transport, _fmt(lst.address))
+        log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
+                 config.relay_port_min, config.relay_port_max)
+
+    async def _start_streams(self) -> None:
+        """TCP and TLS listeners (turnserver/io/stream.py); none yet in this build."""
+        return None
+
+    def _close_listeners(self) -> None:
+        for lst in self.state.listeners:
+            if lst.sock is not None:
+                if self.loop is not None:
+                    try:
+                        self.loop.remove_reader(lst.sock.fileno())
+                    except (ValueError, OSError):
+                        pass
+                lst.sock.close()
+            if lst.server is not None:
+                lst.server.close()
+
+    def ready_info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "listeners": [
+                {"transport": lst.transport, "host": lst.address[0], "port": lst.address[1]}
+                for lst in self.state.listeners
+            ],
+            "relay_addresses": self.state.relay_addresses,
+        }
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._close_listeners()
+        if self.core is not None and self.loop is not None:
+            self.core.shutdown(self.loop.time())
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_timer(self) -> None:
+        assert self.core is not None and self.loop is not None
+        deadline = self.core.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        assert self.core is not None and self.loop is not None
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.core.handle_timer(self.loop.time())
+        except Exception:
+            log.exception("timer handling failed")
+        self._arm_timer()
+
+    # ------------------------------------------------------------------ datagrams
+
+    def _udp_readable(self, sock: socket.socket, local: Address) -> None:
+        core = self.core
+        assert core is not None and self.loop is not None
+        recvfrom = sock.recvfrom
+        now = self.loop.time()
+        handled_stun = False
+        for _ in range(_DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            if not data:
+                continue
+            try:
+                first = data[0]
+                client = (addr[0], addr[1])
+                if 0x40 <= first <= 0x4F:
+                    out = core.handle_channel_data(data, ("udp", client, local), now)
+                    if out is not None:
+                        out.relay.sendto(out.data, out.peer)
+                elif first < 0x40:
+                    handled_stun = True
+                    reply = core.handle_stun(data, ("udp", client, local), now, UdpSink(sock, client))
+                    if reply is None:
+                        pass
+                    elif isinstance(reply, SendToPeer):
+                        reply.relay.sendto(reply.data, reply.peer)
+                    else:
+                        sock.sendto(reply, addr)
+                else:
+                    # RFC 8656 §12: only STUN (0-63) and ChannelData (64-79) are valid.
+                    core.stats.dropped["not_stun"] += 1
+            except Exception:  # one bad packet never stops the listener
+                core.stats.dropped["internal_error"] += 1
+                log.exception("error handling a datagram")
+        if handled_stun:
+            self._arm_timer()
+
+    def _on_peer_datagram(self, relay: UdpRelay, data: bytes, peer: Address) -> None:
+        core = self.core
+        assert core is not None and self.loop is not None
+        try:
+            out = core.handle_peer_data(relay, data, peer, self.loop.time())
+            if out is not None:
+                out[0].send(out[1])
+        except Exception:
+            core.stats.dropped["internal_error"] += 1
+            log.exception("error relaying a peer datagram")
+
+    # ------------------------------------------------------------------ events
+
+    def _on_allocation_end(self, allocation: Allocation, reason: str, now: float) -> None:
+        usage_log.info(
+            "allocation ended",
+            extra={"usage": usage_record(allocation, reason, now)},
+        )
+
+
+def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, Any]:
+    """The audit record of one allocation. Never holds a password, key or secret."""
+    return {
+        "user": allocation.username,
+        "client": _fmt(allocation.client_address),
+        "transport": allocation.transport,
+        "relayed": [_fmt(r.address) for r in allocation.relays],
+        "peers": len(allocation.peers_seen),
+        "bytes_to_peer": allocation.bytes_to_peer,
+        "packets_to_peer": allocation.packets_to_peer,
+        "bytes_to_client": allocation.bytes_to_client,
+        "packets_to_client": allocation.packets_to_client,
+        "duration_s": round(now - allocation.created_at, 3),
+        "reason": reason,
+    }
+
+
+def _fmt(address: Address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_ready_file(path: str, info: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(info, handle)
+    os.replace(tmp, path)
