@@ -946,20 +946,15 @@ def _check_static_users(path: str, problems: list[Problem]) -> None:
 
 
 def _check_auth(config: Config, env: Mapping[str, str], problems: list[Problem]) -> None:
-    secrets: list[bytes] = []
     try:
-        secrets = load_secrets(config, env)
+        load_secrets(config, env)
         if config.secrets_file is not None and not load_secrets(config, {}):
             problems.append(Problem("secrets_file", f"{config.secrets_file} holds no secrets"))
     except ConfigError as exc:
         problems.extend(exc.problems)
+    # No credentials at all is not a problem: `turnd serve` then makes a one-run secret.
     if config.static_users_file is not None:
         _check_static_users(config.static_users_file, problems)
-    elif not secrets and config.secrets_file is None:
-        problems.append(Problem("secrets_file",
-                                "no credentials configured: set secrets_file, "
-                                f"{SECRETS_ENV} or static_users_file (RFC 8656 §5 requires "
-                                "the long-term credential mechanism for Allocate)"))
     if not config.realm:
         problems.append(Problem("realm", "must not be empty"))
     elif len(config.realm) > _MAX_RFC8489_TEXT_CHARS:
@@ -1217,9 +1212,9 @@ def render_markdown() -> str:
         "certificate and key are readable, valid now and match each other, that the relay "
         "addresses belong to this host, that the relay port range is sane, listener syntax "
         "and port conflicts (between listeners, with the relay port range and with the "
-        "metrics endpoint), the external address mapping, the secrets and users files, and "
-        "that some credentials are configured. It prints `configuration OK` and exits 0, or "
-        "prints every problem as `option: message` and exits 2.")
+        "metrics endpoint), the external address mapping and the secrets and users files. "
+        "It prints `configuration OK` and exits 0, or prints every problem as "
+        "`option: message` and exits 2.")
     add("")
     for section, title in SECTIONS:
         members = [o for o in OPTIONS if o.section == section]
