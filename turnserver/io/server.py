@@ -104,6 +104,7 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
         allow_refresh_after_expiry=config.allow_refresh_after_expiry,
         external_addresses=external,
         alternate_server=alternate,
+        legacy_channel_numbers=getattr(config, "legacy_channel_numbers", False),
     )
 
 
@@ -259,6 +260,7 @@ class TurnServer:
         assert core is not None and self.loop is not None
         recvfrom = sock.recvfrom
         now = self.loop.time()
+        channel_first_max = core.config.channel_max >> 8
         handled_stun = False
         for _ in range(_DRAIN_BATCH):
             try:
@@ -272,7 +274,7 @@ class TurnServer:
             try:
                 first = data[0]
                 client = (addr[0], addr[1])
-                if 0x40 <= first <= 0x4F:
+                if 0x40 <= first <= channel_first_max:
                     out = core.handle_channel_data(data, ("udp", client, local), now)
                     if out is not None:
                         out.relay.sendto(out.data, out.peer)
@@ -286,7 +288,8 @@ class TurnServer:
                     else:
                         sock.sendto(reply, addr)
                 else:
-                    # RFC 8656 §12: only STUN (0-63) and ChannelData (64-79) are valid.
+                    # RFC 8656 §12: only STUN (0-63) and ChannelData (64-79) are valid
+                    # (64-127 with legacy_channel_numbers).
                     core.stats.dropped["not_stun"] += 1
             except Exception:  # one bad packet never stops the listener
                 core.stats.dropped["internal_error"] += 1

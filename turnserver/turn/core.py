@@ -57,6 +57,7 @@ from .errors import TurnError, error
 from .stats import CoreStats
 
 REQUESTED_TRANSPORT_UDP = 17
+LEGACY_CHANNEL_MAX = 0x7FFF  # RFC 5766 §11
 FAMILY_NAMES = {1: "ipv4", 2: "ipv6"}
 METHOD_NAMES = {
     Method.BINDING: "binding",
@@ -81,6 +82,13 @@ class CoreConfig:
     # bound relay IP -> advertised external IP (servers behind 1:1 NAT)
     external_addresses: Mapping[str, str] = field(default_factory=dict)
     alternate_server: Address | None = None
+    # RFC 5766 clients (coturn's tools among them) bind channels up to 0x7FFF; RFC 8656 §12
+    # narrowed the range to 0x4FFF. Off: the RFC 8656 range only.
+    legacy_channel_numbers: bool = False
+
+    @property
+    def channel_max(self) -> int:
+        return LEGACY_CHANNEL_MAX if self.legacy_channel_numbers else CHANNEL_MAX
 
 
 @dataclass(slots=True)
@@ -559,7 +567,7 @@ class TurnCore:
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None:
             raise error(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS", label="bad_request")
-        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+        if not CHANNEL_MIN <= number <= self.config.channel_max:
             raise error(400, "Channel number out of range", label="bad_request")  # RFC 8656 §11.2
         target = self._checked_peer(allocation, peer, with_port=True)
         bound = allocation.channels.get(number)
