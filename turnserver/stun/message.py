@@ -368,6 +368,11 @@ def encode_message(
     body = b"".join(parts)
 
     msg_type = _message_type(method, msg_class)
+    trailer = 8 if fingerprint else 0
+    if key is not None:
+        trailer += {"sha1": 24, "sha256": 36, "both": 60}[integrity]
+    if len(body) + trailer > 0xFFFF:
+        raise ValueError("message too long for STUN's 16-bit length")
     if key is not None:
         # RFC 8489 §14.5/§14.6: the HMAC covers the header, with its length already counting
         # the integrity attribute, and every attribute before it.
@@ -382,8 +387,6 @@ def encode_message(
         head = _HEADER_OUT.pack(msg_type, len(body) + 8, MAGIC_COOKIE, tid)
         crc = zlib.crc32(body, zlib.crc32(head)) ^ FINGERPRINT_XOR
         body += _FINGERPRINT_HEAD + _U32.pack(crc)
-    if len(body) > 0xFFFF:
-        raise ValueError("message too long for STUN's 16-bit length")
     return _HEADER_OUT.pack(msg_type, len(body), MAGIC_COOKIE, tid) + body
 
 
