@@ -144,21 +144,31 @@ def _embedded_v4(x: int) -> tuple[int, ...]:
 
 
 def _local_use_nat64(x: int) -> tuple[int, ...]:
-    """Every RFC 6052 §2.2 placement that could be in use under 64:ff9b:1::/48.
+    """Every RFC 6052 §2.2 reading that could be in use under 64:ff9b:1::/48.
 
-    The translator's prefix length is not visible in the address.  The /96
-    layout is always judged; the shorter ones (/48, /56, /64) are judged when the
-    address is well formed for them (bits 64-71, the "u" octet, and the suffix
-    are zero), which a translator using that prefix length produces.
+    The translator's prefix length is not visible in the address, so every
+    plausible reading is judged and all must be acceptable.  The shorter layouts
+    (/48, /56, /64) are plausible when the address is well formed for them (bits
+    64-71, the "u" octet, and the suffix are zero), which is what a translator
+    using that prefix length produces; they come first so that a refusal names
+    the likely reading.  The /96 reading is always judged.
+
+    The cost is that an address well formed for a short layout is often refused
+    for a meaningless second reading (say 0.0.1.0); an operator with a local
+    translator allows its IPv6 prefix explicitly.  An address with a non-zero
+    suffix is judged by its /96 reading only, so an operator whose translator
+    uses a shorter prefix and ignores the suffix should deny 64:ff9b:1::/48 and
+    allow just the prefix in use.
     """
-    out = [x & _M32]
+    out = []
     if (x >> 56) & 0xFF == 0:
-        if x & 0xFF_FFFF == 0:  # /64: IPv4 in bits 72-103
-            out.append((x >> 24) & _M32)
+        if x & ((1 << 40) - 1) == 0:  # /48: IPv4 in bits 48-63 and 72-87
+            out.append((((x >> 64) & 0xFFFF) << 16) | ((x >> 40) & 0xFFFF))
         if x & _M32 == 0:  # /56: bits 56-63 and 72-95
             out.append((((x >> 64) & 0xFF) << 24) | ((x >> 32) & 0xFF_FFFF))
-        if x & ((1 << 40) - 1) == 0:  # /48: bits 48-63 and 72-87
-            out.append((((x >> 64) & 0xFFFF) << 16) | ((x >> 40) & 0xFFFF))
+        if x & 0xFF_FFFF == 0:  # /64: bits 72-103
+            out.append((x >> 24) & _M32)
+    out.append(x & _M32)
     return tuple(out)
 
 
@@ -278,6 +288,9 @@ class PeerPolicy:
 
     def cache_clear(self) -> None:
         self._cached.cache_clear()
+
+    def cache_info(self) -> functools._CacheInfo:
+        return self._cached.cache_info()
 
     def _decide(self, ip: str, port: int | None) -> PeerDecision:
         try:
