@@ -614,10 +614,6 @@ def parse_hostport(s: str, option: str) -> tuple[str, int]:
     return host, port
 
 
-def _format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
