@@ -2,8 +2,8 @@
 
 A TURN server relays for anyone holding a credential, so without a policy it
 is an open proxy into the networks it can reach: its own loopback, the cloud
-metadata service at 169.254.169.254, the operator's private LAN.  RFC 8656 §21
-(security considerations, "Other Considerations") leaves the policy to the
+metadata service at 169.254.169.254, the operator's private LAN.  RFC 8656
+(§21, Security Considerations) leaves the choice of reachable peers to the
 server; this module refuses every non-global range by default.
 
 The decision order, first match wins:
