@@ -685,10 +685,14 @@ def _check_listeners(config: Config, problems: list[Problem]) -> list[_Endpoint]
     for option, endpoints in by_proto.items():
         for i, a in enumerate(endpoints):
             for b in endpoints[i + 1:]:
-                if a.port and a.port == b.port and _overlaps(a.address, b.address):
-                    how = "listed twice" if a.address == b.address else "overlap"
-                    problems.append(Problem(option, f"{a.text} and {b.text} {how} "
-                                                    "(same protocol, address and port)"))
+                if not (a.port and a.port == b.port and _overlaps(a.address, b.address)):
+                    continue
+                if a.address == b.address:
+                    problems.append(Problem(option, f"{a.text} is listed twice"))
+                else:
+                    problems.append(Problem(option, f"{a.text} and {b.text} overlap (same "
+                                                    "protocol and port, and a wildcard "
+                                                    "address covers the other)"))
     for tcp in by_proto["listen_tcp"]:
         for tls in by_proto["listen_tls"]:
             if tcp.port and tcp.port == tls.port and _overlaps(tcp.address, tls.address):

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+import turnserver.config as config_module
 from turnserver.config import (
     CONFIG_ENV,
     Config,
@@ -54,11 +55,23 @@ def summarize(config: Config, secrets_count: int) -> list[str]:
                  f"({ports} ports)")
     if config.external_addresses:
         lines.append(f"external addresses: {', '.join(config.external_addresses)}")
-    users = config.static_users_file or "none"
-    lines.append(f"auth: realm {config.realm!r}, {secrets_count} shared secret(s), "
-                 f"static users: {users}")
+    if secrets_count or config.static_users_file:
+        users = config.static_users_file or "none"
+        lines.append(f"auth: realm {config.realm!r}, {secrets_count} shared secret(s), "
+                     f"static users: {users}")
+    else:
+        lines.append(f"auth: realm {config.realm!r}, no shared secrets or static users yet "
+                     "(`turnd serve` would make a secret for that run only)")
     lines.append(f"metrics: {config.metrics_listen or 'off'}")
     return lines
+
+
+def _config_file_used(config_path: str | None) -> str | None:
+    if config_path is not None:
+        return config_path
+    # Looked up on the module at call time, the same way load_config does.
+    default = config_module.DEFAULT_CONFIG_PATH
+    return default if os.path.exists(default) else None
 
 
 @click.command("check")
@@ -85,6 +98,8 @@ def check(config_path: str | None, **flags: Any) -> None:
         _fail(exc.problems)
         return
     click.echo("configuration OK")
+    click.echo("  file: " + (_config_file_used(config_path) or "none (built-in defaults, "
+                                                                "environment and flags)"))
     for line in summarize(config, secrets_count):
         click.echo("  " + line)
 

@@ -37,6 +37,7 @@ def test_check_ok_prints_summary_and_exits_0() -> None:
     assert "udp 127.0.0.1:3478; tcp 127.0.0.1:3478; tls off" in result.stdout
     assert "relay: 127.0.0.1, ports 49152-65535 (16384 ports)" in result.stdout
     assert "1 shared secret(s)" in result.stdout
+    assert "file: none (built-in defaults" in result.stdout
     assert "topsecret-1" not in result.output
     assert result.stderr == ""
 
@@ -49,6 +50,9 @@ def test_check_reads_the_config_file(tmp_path: Path) -> None:
     result = runner().invoke(check, ["--config", str(path)], env={})
     assert result.exit_code == 0, result.output
     assert "ports 40000-40999 (1000 ports)" in result.stdout
+    assert f"file: {path}\n" in result.stdout
+    # No credentials is not an error (serve makes a one-run secret), but it is said.
+    assert "no shared secrets or static users yet" in result.stdout
 
 
 def test_check_flags_override_the_file(tmp_path: Path) -> None:
