@@ -1245,7 +1245,8 @@ def render_markdown() -> str:
     out.extend(_EXAMPLE_TOML.rstrip("\n").split("\n"))
     add("```")
     add("")
-    add("The same relay range from the environment, e.g. in a systemd drop-in:")
+    add("A narrower relay port range and extra denials from the environment, e.g. in a "
+        "systemd drop-in:")
     add("")
     add("```ini")
     add("[Service]")
@@ -1256,7 +1257,7 @@ def render_markdown() -> str:
     add("A one-off run on loopback with no TLS, from the command line:")
     add("")
     add("```sh")
-    add("TURND_SECRETS=$(cat /run/secrets/turn) turnd --listen-udp 127.0.0.1:3478 \\")
+    add("TURND_SECRETS=$(cat /run/secrets/turn) turnd serve --listen-udp 127.0.0.1:3478 \\")
     add("    --listen-tcp 127.0.0.1:3478 --listen-tls \"\" --relay-addresses 127.0.0.1 \\")
     add("    --allowed-peers 127.0.0.0/8")
     add("```")
