@@ -5,11 +5,10 @@ The command is called ``turnd`` so it never shadows coturn's ``turnserver``/``tu
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import os
 import secrets as _secrets
-import signal
 import sys
 from typing import Any
 
@@ -96,8 +95,9 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
               help="Seconds the credentials stay valid.")
 @click.option("--host", default=None, help="Public host name or IP of the server for the URLs "
               "(default: public_host from the configuration).")
-@click.option("--format", "fmt", type=click.Choice(["json", "plain"]), default="json", show_default=True,
-              help="json: what a browser's RTCPeerConnection takes; plain: USERNAME/PASSWORD lines for scripts.")
+@click.option("--format", "fmt", type=click.Choice(["json", "plain", "rest"]), default="json", show_default=True,
+              help="json: the iceServers a browser's RTCPeerConnection takes; plain: KEY=value lines for "
+              "scripts; rest: the TURN REST API response (username, password, ttl, uris).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               envvar="TURND_CONFIG", help="TOML configuration file, for secrets_file, ports and public_host.")
 @click.option("--secrets-file", default=None, type=click.Path(dir_okay=False),
@@ -117,6 +117,11 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
     if not secrets:
         _fail(f"no shared secret: set secrets_file (--secrets-file) or the {SECRETS_ENV} environment variable")
         return
+    if not host and not config.public_host:
+        from .io.relay import detect_relay_addresses
+
+        host = detect_relay_addresses()[0]
+        click.echo(f"turnd: no --host or public_host; using this machine's address {host}", err=True)
     host = host or config.public_host
     ports = _public_ports(config)
     try:
@@ -125,6 +130,8 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
         _fail(f"--user/--ttl: {exc}")
         return
     if fmt == "json":
+        click.echo(json.dumps(creds.ice_servers(), indent=2))
+    elif fmt == "rest":
         click.echo(creds.to_json())
     else:
         click.echo(f"USERNAME={creds.username}")

@@ -185,6 +185,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("user_quota", "int", 0,
            "Most allocations at once per username (486 Allocation Quota Reached beyond); "
            "0: unlimited.", "limits", reload=True, minimum=0),
+    Option("legacy_channel_numbers", "bool", False,
+           "Also accept ChannelBind numbers 0x5000-0x7FFF, the RFC 5766 range that older clients "
+           "(coturn's turnutils_uclient among them) still use; RFC 8656 §12 reserves them.",
+           "limits", reload=True),
     Option("max_connections", "int", 4096,
            "Most TCP and TLS client connections at once; further connections are closed "
            "at accept.", "limits", reload=True, minimum=1),
@@ -257,6 +261,7 @@ class Config:
     max_lifetime_s: int = 3600
     max_allocations: int = 0
     user_quota: int = 0
+    legacy_channel_numbers: bool = False
     max_connections: int = 4096
     stream_idle_timeout_s: float = 30.0
     tls_handshake_timeout_s: float = 10.0

@@ -8,16 +8,17 @@ turnserver/turn and never sees a socket.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..auth import CredentialStore, NonceManager
-from ..config import Config, load_secrets, parse_hostport
+from ..config import Config, load_secrets, parse_hostport, reload_plan
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
@@ -63,6 +64,15 @@ class RuntimeState:
     listeners: list[Listener] = field(default_factory=list)
 
 
+@dataclass
+class ReloadReport:
+    """What a reload did: options now in force, options that wait for a restart."""
+
+    applied: list[str]
+    needs_restart: list[str]
+    tls_reloaded: bool | None = None  # None: no TLS listener, or no reload_tls in this build
+
+
 def bind_udp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -104,7 +114,7 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
         allow_refresh_after_expiry=config.allow_refresh_after_expiry,
         external_addresses=external,
         alternate_server=alternate,
-        legacy_channel_numbers=getattr(config, "legacy_channel_numbers", False),
+        legacy_channel_numbers=config.legacy_channel_numbers,
     )
 
 
@@ -175,11 +185,13 @@ class TurnServer:
         except BaseException:
             self._close_listeners()
             raise
+        # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out valid.
+        self._nonce_key = self.random_bytes(32)
         self.core = TurnCore(
             config=core_config_from(config, self.state.relay_addresses),
             credentials=self.build_credentials(config),
             nonces=NonceManager(
-                key=self.random_bytes(32), lifetime_s=config.nonce_lifetime_s,
+                key=self._nonce_key, lifetime_s=config.nonce_lifetime_s,
                 wall_clock=self.wall_clock, random_bytes=self.random_bytes,
             ),
             policy=self.build_policy(config),
@@ -230,6 +242,50 @@ class TurnServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    async def reload(self, new_config: Config, secrets: list[bytes],
+                     static_users: dict[str, str | bytes] | None = None) -> ReloadReport:
+        """Apply a re-read configuration (SIGHUP) without dropping any allocation.
+
+        Secrets, static users, peer policy, quotas, lifetimes and the TLS certificate take
+        effect for the next request; allocations, permissions and channels stay as they are.
+        Options that need new sockets or would invalidate keys (``reload_plan``'s second list)
+        keep their running values until a restart. Everything is built before anything is
+        swapped, so an exception here leaves the server as it was.
+        """
+        old = self.config
+        live, restart = reload_plan(old, new_config)
+        effective = replace(new_config, **{name: getattr(old, name) for name in restart})
+        users = dict(static_users or {})
+        credentials = CredentialStore(realm=effective.realm, secrets=secrets, static_users=users,
+                                      wall_clock=self.wall_clock)
+        policy = self.build_policy(effective)
+        core_config = core_config_from(effective, self.state.relay_addresses)
+        nonces = None
+        if effective.nonce_lifetime_s != old.nonce_lifetime_s:
+            nonces = NonceManager(key=self._nonce_key, lifetime_s=effective.nonce_lifetime_s,
+                                  wall_clock=self.wall_clock, random_bytes=self.random_bytes)
+        if self.core is not None:
+            self.core.reconfigure(config=core_config, credentials=credentials, policy=policy)
+            if nonces is not None:
+                self.core.nonces = nonces
+        self.config = effective
+        self.secrets = list(secrets)
+        self.static_users = users
+        tls_reloaded: bool | None = None
+        reload_tls = getattr(self, "reload_tls", None)
+        if callable(reload_tls) and effective.listen_tls:
+            # Certificate files can change content under the same path (a renewal), so the
+            # certificate is re-read on every reload, not only when the paths change.
+            try:
+                result = reload_tls(effective)
+                if inspect.isawaitable(result):
+                    await result
+                tls_reloaded = True
+            except Exception as exc:  # the old certificate keeps serving
+                log.error("TLS certificate not reloaded, keeping the current one: %s", exc)
+                tls_reloaded = False
+        return ReloadReport(applied=live, needs_restart=restart, tls_reloaded=tls_reloaded)
 
     # ------------------------------------------------------------------ timers
 
