@@ -53,6 +53,8 @@ CHROMIUM_ARGS = [
 USER = "browser"
 TTL_S = 600
 USAGE_WAIT_S = 5.0
+# Browser start and page load; the call itself has its own bound (--call-timeout).
+BROWSER_STEP_TIMEOUT_S = 10.0
 MAX_CONSOLE_LINES = 50
 
 
@@ -111,11 +113,11 @@ def start_page_server() -> http.server.ThreadingHTTPServer:
 
 
 def run_browser(page_url: str, ice_servers: list[dict[str, Any]], workdir: Path, messages: int,
-                step_timeout_s: float) -> tuple[dict[str, Any], list[str]]:
+                call_timeout_s: float) -> tuple[dict[str, Any], list[str]]:
     from playwright.sync_api import sync_playwright
 
     console: list[str] = []
-    timeout_ms = int(step_timeout_s * 1000)
+    timeout_ms = int(BROWSER_STEP_TIMEOUT_S * 1000)
     with sync_playwright() as pw:
         # A fresh profile directory every run: no state leaks between transports.
         context = pw.chromium.launch_persistent_context(
@@ -133,7 +135,7 @@ def run_browser(page_url: str, ice_servers: list[dict[str, Any]], workdir: Path,
             page.goto(page_url, timeout=timeout_ms)
             result = page.evaluate(
                 "cfg => window.runCall(cfg)",
-                {"iceServers": ice_servers, "messages": messages, "timeoutMs": timeout_ms},
+                {"iceServers": ice_servers, "messages": messages, "timeoutMs": int(call_timeout_s * 1000)},
             )
         finally:
             context.close()
@@ -155,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=("udp", "tcp", "tls"), required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--messages", type=int, default=5)
-    parser.add_argument("--step-timeout", type=float, default=15.0,
-                        help="seconds allowed for each step of the call")
+    parser.add_argument("--call-timeout", type=float, default=15.0,
+                        help="seconds allowed for the call in the page, from offer to audio")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         page_url = f"http://127.0.0.1:{httpd.server_address[1]}/call.html"
         ice_servers = [{"urls": [url], "username": creds.username, "credential": creds.password}]
         verdict["page"], verdict["console"] = run_browser(
-            page_url, ice_servers, args.workdir, args.messages, args.step_timeout)
+            page_url, ice_servers, args.workdir, args.messages, args.call_timeout)
         wait_for_usage(server, f"{USER}-{args.transport}", 2, USAGE_WAIT_S)
     except Exception as exc:  # the verdict says what went wrong; the test shows it
         verdict["error"] = f"{type(exc).__name__}: {exc}"

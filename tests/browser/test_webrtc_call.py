@@ -24,15 +24,15 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("run_call.py")
 MESSAGES = 5
-STEP_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 15.0
 # Hard bound on one run (server start, browser start, call, shutdown); one run takes 2-7 s.
-RUN_TIMEOUT_S = 45.0
+RUN_TIMEOUT_S = 50.0
 
 
 def run_call(ns: NetNamespace, transport: str, workdir: Path) -> dict[str, Any]:
     argv = ns.exec_argv([
         sys.executable, str(RUNNER), "--transport", transport, "--workdir", str(workdir),
-        "--messages", str(MESSAGES), "--step-timeout", str(STEP_TIMEOUT_S),
+        "--messages", str(MESSAGES), "--call-timeout", str(CALL_TIMEOUT_S),
     ])
     try:
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
