@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ..auth import CredentialStore, NonceManager
 from ..config import Config, load_secrets, parse_hostport, reload_plan
+from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
@@ -143,6 +144,8 @@ class TurnServer:
         self._timer_at: float | None = None
         self._udp_socks: list[socket.socket] = []
         self._stopped = asyncio.Event()
+        # Metrics/health endpoint and the rate-limited trouble summary (turnserver/metrics.py).
+        self.observability = Observability(self)
 
     # ------------------------------------------------------------------ assembly
 
@@ -205,6 +208,11 @@ class TurnServer:
             log.info("listening %s %s", lst.transport, _fmt(lst.address))
         log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
                  config.relay_port_min, config.relay_port_max)
+        try:
+            await self.observability.start()
+        except BaseException:
+            self._close_listeners()
+            raise
 
     async def _start_streams(self) -> None:
         """TCP and TLS listeners (turnserver/io/stream.py); none yet in this build."""
@@ -228,7 +236,7 @@ class TurnServer:
             "listeners": [
                 {"transport": lst.transport, "host": lst.address[0], "port": lst.address[1]}
                 for lst in self.state.listeners
-            ],
+            ] + self.observability.ready_entries(),
             "relay_addresses": self.state.relay_addresses,
         }
 
@@ -238,6 +246,8 @@ class TurnServer:
         self._close_listeners()
         if self.core is not None and self.loop is not None:
             self.core.shutdown(self.loop.time())
+        # After shutdown, so its usage records and a last trouble summary are logged.
+        await self.observability.stop()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
