@@ -66,8 +66,9 @@ class TurnCollector(Collector):
 
     ``server`` is the running :class:`~turnserver.io.server.TurnServer`; only these attributes
     are read, each tolerated absent: ``core``, ``relays``, ``loop``, ``config``,
-    ``state.listeners``, ``streams`` (open TCP/TLS connections) and ``tls_not_after`` (the
-    certificate's expiry as a UNIX time, when the TLS code knows it).
+    ``state.listeners``, ``streams`` (open TCP/TLS connections) and ``tls_not_after`` or
+    ``tls.not_after`` (the served certificate's expiry as a UNIX time, when the TLS code knows
+    it; else ``config.tls_cert_file`` is read).
     """
 
     def __init__(self, server: Any, *, python_version: str | None = None) -> None:
@@ -226,8 +227,8 @@ class TurnCollector(Collector):
         yield family
 
     def _certificate(self) -> Iterator[Metric]:
-        not_after = getattr(self.server, "tls_not_after", None)
-        if not isinstance(not_after, (int, float)):
+        not_after = _tls_not_after(self.server)
+        if not_after is None:
             not_after = self._not_after_from_file()
         if not_after is None:
             return
@@ -251,6 +252,19 @@ class TurnCollector(Collector):
         value = certificate_not_after(path)
         self._cert_cache = (key, value)
         return value
+
+
+def _tls_not_after(server: Any) -> float | None:
+    """The served certificate's expiry as the TLS layer knows it (io/tls.py TlsCertificates),
+    which also covers the in-memory self-signed certificate."""
+    direct = getattr(server, "tls_not_after", None)
+    if isinstance(direct, (int, float)) and not isinstance(direct, bool):
+        return float(direct)
+    for name in ("tls", "tls_certificates", "certificates"):
+        value = getattr(getattr(server, name, None), "not_after", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def certificate_not_after(path: str) -> float | None:
