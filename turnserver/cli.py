@@ -84,9 +84,12 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
             "Set secrets_file (one secret per line) to keep it across restarts.",
             err=True,
         )
-    from .io.run import run_server
+    from .io.run import run_server, settings_loader
 
-    sys.exit(run_server(config, secrets=secrets, static_users=static_users, ready_file=ready_file))
+    # SIGHUP re-reads the same file with the same flags and environment as this start-up.
+    reload_settings = settings_loader(config_path, overrides_from_click(kwargs), env=os.environ)
+    sys.exit(run_server(config, secrets=secrets, static_users=static_users, ready_file=ready_file,
+                        reload_settings=reload_settings))
 
 
 @main.command()
