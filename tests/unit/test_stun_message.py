@@ -425,3 +425,32 @@ def test_unknown_comprehension_required_ignores_optional_and_known() -> None:
         [(0x7FFF, b""), (Attr.LIFETIME, 1), (0x8FFF, b""), (0x0003, b""), (0x7FFF, b"")],
     )
     assert msg.unknown_comprehension_required() == [0x7FFF, 0x0003]
+
+
+# --- the package boundary -------------------------------------------------------------------
+
+
+def test_codec_imports_nothing_of_ours_and_no_io() -> None:
+    # The codec is sans-IO: no sockets, event loop or clock, and no other project package.
+    import ast
+    import pathlib
+
+    import turnserver.stun as package
+
+    forbidden = {"asyncio", "socket", "time", "selectors", "ssl", "uvloop", "turnserver"}
+    root = pathlib.Path(package.__file__).parent
+    files = sorted(root.glob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: inside turnserver.stun
+                    assert node.level == 1, path
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"

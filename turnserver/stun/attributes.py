@@ -19,6 +19,7 @@ import functools
 import ipaddress
 import struct
 from collections.abc import Callable
+from typing import Any, cast
 
 from .constants import (
     ADDRESS_FAMILY_IPV4,
@@ -138,7 +139,7 @@ def _decode_xor_address(data: bytes, off: int, length: int, tid: bytes) -> tuple
 
 
 def _split_address(value: object) -> tuple[tuple[int, bytes, int], int]:
-    ip, port = value  # type: ignore[misc]
+    ip, port = cast(Any, value)
     if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range: {port!r}")
     return parse_ip(ip), port
@@ -322,7 +323,7 @@ def _decode_error_code(data: bytes, off: int, length: int, tid: bytes) -> tuple[
 
 
 def _encode_error_code(value: object, tid: bytes) -> bytes:
-    code, reason = value  # type: ignore[misc]
+    code, reason = cast(Any, value)
     code = _check_code(code)
     return _ERROR_HEAD.pack(0, code // 100, code % 100) + _encode_reason(reason)
 
@@ -337,7 +338,7 @@ def _decode_address_error_code(
 
 
 def _encode_address_error_code(value: object, tid: bytes) -> bytes:
-    family, code, reason = value  # type: ignore[misc]
+    family, code, reason = cast(Any, value)
     if not isinstance(family, int) or not 0 <= family <= 0xFF:
         raise ValueError("address family must be a byte")
     code = _check_code(code)
@@ -354,7 +355,7 @@ def _decode_unknown_attributes(data: bytes, off: int, length: int, tid: bytes) -
 
 
 def _encode_unknown_attributes(value: object, tid: bytes) -> bytes:
-    types = list(value)  # type: ignore[call-overload]
+    types = list(cast(Any, value))
     for t in types:
         if not isinstance(t, int) or not 0 <= t <= 0xFFFF:
             raise ValueError(f"attribute type out of range: {t!r}")
@@ -376,7 +377,7 @@ def _read_algorithm(data: bytes, off: int, end: int) -> tuple[tuple[int, bytes],
 
 
 def _write_algorithm(entry: object) -> bytes:
-    algorithm, params = entry  # type: ignore[misc]
+    algorithm, params = cast(Any, entry)
     if not isinstance(algorithm, int) or not 0 <= algorithm <= 0xFFFF:
         raise ValueError(f"password algorithm out of range: {algorithm!r}")
     if not isinstance(params, (bytes, bytearray, memoryview)):
@@ -414,7 +415,7 @@ def _decode_password_algorithms(
 
 
 def _encode_password_algorithms(value: object, tid: bytes) -> bytes:
-    return b"".join(_write_algorithm(entry) for entry in value)  # type: ignore[attr-defined]
+    return b"".join(_write_algorithm(entry) for entry in cast(Any, value))
 
 
 # --- RFC 8656 §18.13 ICMP ---------------------------------------------------------------------
@@ -430,7 +431,7 @@ def _decode_icmp(data: bytes, off: int, length: int, tid: bytes) -> tuple[int, i
 
 
 def _encode_icmp(value: object, tid: bytes) -> bytes:
-    icmp_type, icmp_code, error_data = value  # type: ignore[misc]
+    icmp_type, icmp_code, error_data = cast(Any, value)
     try:
         return _ICMP_OUT.pack(0, icmp_type, icmp_code, error_data)
     except struct.error as exc:
