@@ -165,6 +165,10 @@ def _register_optional_commands() -> None:
     main.add_command(check)
     main.add_command(convert_coturn)
 
+    from .probe import probe
+
+    main.add_command(probe)
+
 
 _register_optional_commands()
 

@@ -1,0 +1,298 @@
+"""``turnd probe``: check a running server from the outside, the way a client would.
+
+Per transport (UDP, TCP, TLS to the server; the relay is always UDP):
+
+1. a STUN Binding request (RFC 8489 §3), which needs no credentials;
+2. an Allocate with REST credentials the probe mints itself from the shared secret;
+3. a second allocation, so the two can relay to each other and no outside peer is needed:
+   the first binds a channel to the second's relayed address (RFC 8656 §11), the second
+   installs a permission for the first's (§9);
+4. data both ways: ChannelData out and a Data indication in on one side, a Send indication
+   out and ChannelData in on the other (§10, §12), timed as one relay round trip;
+5. Refresh with LIFETIME 0 on both (§7.3), so the probe leaves nothing behind.
+
+Exit status: 0 when every transport passed, 1 when any failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from .client import (
+    Address,
+    ErrorResponse,
+    TransactionTimeout,
+    TransportError,
+    TurnClient,
+    TurnClientError,
+    method_name,
+)
+from .config import SECRETS_ENV, Config, ConfigError, load_secrets
+from .credentials import mint_credentials
+
+__all__ = ["ProbeResult", "explain_failure", "probe_transport", "run_probe", "probe"]
+
+TRANSPORTS = ("udp", "tcp", "tls")
+DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
+# Long enough to outlast the probe and modest clock skew; the credentials are thrown away.
+CREDENTIAL_TTL_S = 600
+# UDP may drop a datagram; the data exchange is tried this many times before it fails.
+DATA_ATTEMPTS = 3
+
+
+@dataclass
+class ProbeResult:
+    transport: str
+    host: str
+    port: int
+    ok: bool = False
+    step: str = "connect"  # the step that failed, or "done"
+    error: str | None = None
+    mapped: str | None = None
+    relayed: list[str] = field(default_factory=list)
+    binding_rtt_ms: float | None = None
+    allocate_ms: float | None = None  # the 401 challenge and the authenticated retry together
+    relay_rtt_ms: float | None = None
+
+
+def _fmt(address: Address | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def explain_failure(exc: BaseException, step: str) -> str:
+    """What went wrong, worded for the operator, with the likely cause where there is one."""
+    if isinstance(exc, ErrorResponse):
+        what = f"{exc.code} {exc.reason}"
+        if exc.code == 401:
+            if "expired" in exc.reason.lower():
+                return f"{what}: is this machine's clock right?"
+            return f"{what}: wrong secret?"
+        if exc.code == 438:
+            return f"{what}: the server keeps calling the nonce stale; are the clocks far apart?"
+        if exc.code == 300:
+            alternate = _fmt(exc.alternate_server)
+            return f"{what}: the server is draining" + (f" and sends clients to {alternate}" if alternate else "")
+        if exc.code == 508 and "drain" in exc.reason.lower():
+            return f"{what}: it refuses new allocations while it shuts down"
+        if exc.code == 508:
+            return f"{what}: no relay port free or max_allocations reached"
+        if exc.code == 486:
+            return f"{what}: user_quota reached for the probe's user (try --user)"
+        if exc.code == 403:
+            return f"{what} on {method_name(exc.method)}: the peer policy refuses the server's own relay address"
+        return f"{what} on {method_name(exc.method)}"
+    if isinstance(exc, TransactionTimeout):
+        hint = " (server down, or a firewall dropping the packets?)" if step in ("connect", "binding") else ""
+        return f"timeout: {exc}{hint}"
+    if isinstance(exc, TransportError):
+        text = str(exc)
+        if "certificate verify failed" in text:
+            return f"{text} (--insecure skips verification, e.g. for a self-signed certificate)"
+        return text
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _exchange(a: TurnClient, b: TurnClient, a_relayed: Address, b_relayed: Address,
+                    timeout_s: float) -> float:
+    """One relay round trip: A -> B (ChannelData in, Data indication out) and B -> A (Send
+    indication in, ChannelData out). Returns the seconds it took."""
+    wait_s = max(timeout_s / DATA_ATTEMPTS, 0.05)
+    last: BaseException | None = None
+    for attempt in range(DATA_ATTEMPTS):
+        token = os.urandom(8).hex().encode()
+        started = time.monotonic()
+        a.send_to(b_relayed, b"ping " + token)
+        try:
+            await _expect(b, a_relayed, b"ping " + token, wait_s, "from the first allocation to the second")
+            b.send_to(a_relayed, b"pong " + token)
+            await _expect(a, b_relayed, b"pong " + token, wait_s, "from the second allocation to the first")
+        except TransactionTimeout as exc:
+            last = exc
+            continue
+        return time.monotonic() - started
+    assert last is not None
+    raise last
+
+
+async def _expect(client: TurnClient, peer: Address, payload: bytes, wait_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    # Bounded: leftovers from an earlier attempt are skipped, at most a handful.
+    for _ in range(16):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            got_peer, data = await client.receive(remaining)
+        except TransactionTimeout:
+            break
+        if data == payload:
+            if got_peer != peer:
+                raise TurnClientError(f"relayed data arrived from {_fmt(got_peer)}, expected {_fmt(peer)}")
+            return
+    raise TransactionTimeout(f"relayed data did not arrive {what} within {wait_s:g} s")
+
+
+async def probe_transport(
+    host: str,
+    port: int,
+    transport: str,
+    *,
+    username: str,
+    password: str,
+    timeout_s: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ProbeResult:
+    """Run every step over one transport; never raises for a server-side failure."""
+    result = ProbeResult(transport, host, port)
+    clients: list[TurnClient] = []
+    options: dict[str, Any] = {
+        "transport": transport, "username": username, "password": password,
+        "timeout_s": timeout_s, "ssl_context": ssl_context, "software": "turnd probe",
+    }
+    try:
+        a = await TurnClient.connect(host, port, **options)
+        clients.append(a)
+        result.step = "binding"
+        started = time.monotonic()
+        result.mapped = _fmt(await a.binding())
+        result.binding_rtt_ms = round((time.monotonic() - started) * 1000, 3)
+        result.step = "allocate"
+        started = time.monotonic()
+        a_relayed = await a.allocate()
+        result.allocate_ms = round((time.monotonic() - started) * 1000, 3)
+        result.step = "connect"
+        b = await TurnClient.connect(host, port, **options)
+        clients.append(b)
+        result.step = "allocate"
+        b_relayed = await b.allocate()
+        result.relayed = [r for r in (_fmt(a_relayed), _fmt(b_relayed)) if r]
+        result.step = "channel_bind"
+        await a.channel_bind(b_relayed)
+        result.step = "create_permission"
+        await b.create_permission(a_relayed)
+        result.step = "data"
+        rtt = await _exchange(a, b, a_relayed, b_relayed, timeout_s)
+        result.relay_rtt_ms = round(rtt * 1000, 3)
+        result.step = "done"
+        result.ok = True
+    except TurnClientError as exc:
+        result.error = explain_failure(exc, result.step)
+    finally:
+        for client in clients:
+            await client.close()
+    return result
+
+
+def _ssl_context(insecure: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def run_probe(
+    host: str,
+    targets: list[tuple[str, int]],
+    *,
+    secret: bytes | str,
+    user: str = "probe",
+    timeout_s: float = 5.0,
+    insecure: bool = False,
+) -> list[ProbeResult]:
+    """Probe each (transport, port) in turn with freshly minted credentials."""
+    creds = mint_credentials(secret, user, CREDENTIAL_TTL_S)
+    results = []
+    for transport, port in targets:
+        context = _ssl_context(insecure) if transport == "tls" else None
+        results.append(await probe_transport(
+            host, port, transport, username=creds.username, password=creds.password,
+            timeout_s=timeout_s, ssl_context=context,
+        ))
+    return results
+
+
+def format_result(result: ProbeResult) -> str:
+    where = _fmt((result.host, result.port))
+    if result.ok:
+        return (f"{result.transport:<4} {where}  PASS  binding {result.binding_rtt_ms:.1f} ms, "
+                f"allocate {result.allocate_ms:.1f} ms, relay round trip {result.relay_rtt_ms:.1f} ms "
+                f"(mapped {result.mapped}, relayed {', '.join(result.relayed)})")
+    return f"{result.transport:<4} {where}  FAIL  {result.step}: {result.error}"
+
+
+def _parse_transports(text: str) -> list[str]:
+    chosen: list[str] = []
+    for item in text.split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name not in TRANSPORTS:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(TRANSPORTS)}", param_hint="--transports")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise click.BadParameter("name at least one transport", param_hint="--transports")
+    return chosen
+
+
+@click.command()
+@click.argument("host")
+@click.option("--udp-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["udp"], show_default=True)
+@click.option("--tcp-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["tcp"], show_default=True)
+@click.option("--tls-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["tls"], show_default=True)
+@click.option("--transports", default="udp,tcp,tls", show_default=True,
+              help="Comma-separated transports to check.")
+@click.option("--secrets-file", type=click.Path(dir_okay=False), default=None,
+              help=f"File of shared secrets (the first mints). Or set {SECRETS_ENV}.")
+@click.option("--user", default="probe", show_default=True,
+              help="User id in the minted username (it appears in the server's usage log).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds to wait for each answer.")
+@click.option("--insecure", is_flag=True, help="Do not verify the TLS certificate.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on standard output.")
+def probe(host: str, udp_port: int, tcp_port: int, tls_port: int, transports: str,
+          secrets_file: str | None, user: str, timeout_s: float, insecure: bool, as_json: bool) -> None:
+    """Check a running server from outside: Binding, Allocate and relayed data per transport.
+
+    Two allocations relay to each other, so no outside peer is needed. The credentials are
+    minted here from the shared secret, which never comes from the command line.
+    Exit status 0 when every transport passes, 1 when any fails, 2 on usage errors.
+    """
+    chosen = _parse_transports(transports)
+    ports = {"udp": udp_port, "tcp": tcp_port, "tls": tls_port}
+    try:
+        secrets = load_secrets(Config(secrets_file=secrets_file), os.environ)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not secrets:
+        raise click.UsageError(f"no shared secret: use --secrets-file or set {SECRETS_ENV}")
+    if ":" in user:
+        raise click.BadParameter("must not contain ':'", param_hint="--user")
+    results = asyncio.run(run_probe(
+        host, [(t, ports[t]) for t in chosen], secret=secrets[0], user=user,
+        timeout_s=timeout_s, insecure=insecure,
+    ))
+    ok = all(r.ok for r in results)
+    if as_json:
+        click.echo(json.dumps({"host": host, "ok": ok, "results": [asdict(r) for r in results]}))
+    else:
+        for result in results:
+            click.echo(format_result(result))
+        passed = sum(r.ok for r in results)
+        click.echo(f"{passed} of {len(results)} transports passed")
+    sys.exit(0 if ok else 1)
+
