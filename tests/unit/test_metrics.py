@@ -1,0 +1,287 @@
+"""The metrics collector read against a real sans-IO core (fake clock, fake relay ports)."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from turnserver import __version__
+from turnserver.metrics import (
+    TurnCollector,
+    build_registry,
+    certificate_not_after,
+    stream_counts,
+)
+from turnserver.stun import encode_channel_data
+
+from .turn_harness import CLIENT, PEER, Client, code, make_core, rest_user
+
+OTHER_CLIENT = ("udp", ("198.51.100.8", 40001), ("192.0.2.1", 3478))
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class FakePool:
+    def __init__(self, open_count: int = 0, capacity: int = 100) -> None:
+        self.open_count = open_count
+        self.bind_failures = 0
+        self._capacity = capacity
+
+    def capacity(self) -> int:
+        return self._capacity
+
+
+def fake_server(core: Any = None, **extra: Any) -> SimpleNamespace:
+    listeners = [SimpleNamespace(transport="udp"), SimpleNamespace(transport="udp"),
+                 SimpleNamespace(transport="tls")]
+    server = SimpleNamespace(core=core, relays=FakePool(), loop=FakeLoop(),
+                             config=SimpleNamespace(tls_cert_file=None, listen_tls=()),
+                             state=SimpleNamespace(listeners=listeners))
+    for key, value in extra.items():
+        setattr(server, key, value)
+    return server
+
+
+def value(registry: Any, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def relay_of(reply: Any) -> tuple[str, int]:
+    from turnserver.stun import Attr
+
+    return reply.get(Attr.XOR_RELAYED_ADDRESS)
+
+
+def test_allocation_gauge_and_created_counter_follow_the_core() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    assert value(registry, "turn_allocations", transport="udp", family="ipv4") == 0
+    alice = Client(h)
+    assert code(alice.allocate()) == 200
+    assert value(registry, "turn_allocations", transport="udp", family="ipv4") == 1
+    assert value(registry, "turn_allocations_created_total", transport="udp", family="ipv4") == 1
+    # RFC 8656 §7.3: Refresh with lifetime 0 deletes; the gauge falls, the counters stay.
+    assert code(alice.refresh(1.0, lifetime=0)) == 200
+    assert value(registry, "turn_allocations", transport="udp", family="ipv4") == 0
+    assert value(registry, "turn_allocations_created_total", transport="udp", family="ipv4") == 1
+    assert value(registry, "turn_allocations_ended_total", reason="deleted") == 1
+    assert value(registry, "turn_allocations_ended_total", reason="expired") == 0
+
+
+def test_relayed_traffic_is_counted_live_and_survives_the_allocation_end() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    alice = Client(h)
+    relayed = relay_of(alice.allocate())
+    assert code(alice.bind(0.0, 0x4000, PEER)) == 200
+    relay = h.core.allocations[CLIENT].relays[0]
+    assert relay.address == relayed
+    for size in (100, 200, 300):
+        assert h.core.handle_channel_data(encode_channel_data(0x4000, b"x" * size), CLIENT, 1.0) is not None
+    up = value(registry, "turn_relayed_bytes_total", direction="client_to_peer", transport="udp")
+    assert up == 600
+    assert value(registry, "turn_relayed_packets_total", direction="client_to_peer", transport="udp") == 3
+    # Live: the next scrape sees more while the allocation is still there.
+    assert h.core.handle_peer_data(relay, b"y" * 50, PEER, 2.0) is not None
+    assert value(registry, "turn_relayed_bytes_total", direction="peer_to_client", transport="udp") == 50
+    assert value(registry, "turn_relayed_packets_total", direction="peer_to_client", transport="udp") == 1
+    assert code(alice.refresh(3.0, lifetime=0)) == 200
+    # Ended allocations' traffic moves to stats.ended_traffic: the counter never goes back.
+    assert value(registry, "turn_relayed_bytes_total", direction="client_to_peer", transport="udp") == 600
+    assert value(registry, "turn_relayed_bytes_total", direction="peer_to_client", transport="udp") == 50
+    assert value(registry, "turn_relayed_bytes_total", direction="client_to_peer", transport="tcp") == 0
+
+
+def test_permissions_and_channels_count_only_unexpired_entries() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    alice = Client(h)
+    alice.allocate()
+    assert code(alice.permit(0.0, ("203.0.113.1", 0), ("203.0.113.2", 0))) == 200
+    assert code(alice.bind(0.0, 0x4001, PEER)) == 200  # also installs PEER's permission
+    assert value(registry, "turn_permissions") == 3
+    assert value(registry, "turn_channels") == 1
+    # RFC 8656 §9: permissions last 300 s; §12: channels 600 s. Scrape between the two.
+    server.loop.now = 301.0
+    assert value(registry, "turn_permissions") == 0
+    assert value(registry, "turn_channels") == 1
+    server.loop.now = 601.0
+    assert value(registry, "turn_channels") == 0
+
+
+def test_refusals_auth_failures_and_policy_are_counted_by_reason() -> None:
+    h = make_core(user_quota=1)
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    username, password = rest_user()
+    first = Client(h, username=username, password=password)
+    assert code(first.allocate()) == 200
+    # The same user from another 5-tuple is over its quota (RFC 8656 §7.2: 486).
+    second = Client(h, five_tuple=OTHER_CLIENT, username=username, password=password)
+    assert code(second.allocate()) == 486
+    wrong = Client(h, five_tuple=("udp", ("198.51.100.9", 1), ("192.0.2.1", 3478)),
+                   username=username, password="not-the-password")
+    assert code(wrong.allocate()) == 401
+    assert value(registry, "turn_allocations_refused_total", reason="quota") == 1
+    assert value(registry, "turn_allocations_refused_total", reason="auth") == 1
+    assert value(registry, "turn_allocations_refused_total", reason="capacity") == 0
+    assert value(registry, "turn_auth_failures_total", reason="bad_integrity") == 1
+    assert code(first.permit(0.0, ("10.0.0.1", 0))) == 403
+    assert value(registry, "turn_peer_policy_refusals_total", reason="private") == 1
+    assert value(registry, "turn_requests_total", method="create_permission", code="403") == 1
+    assert value(registry, "turn_requests_total", method="allocate", code="486") == 1
+
+
+def test_dropped_packets_by_reason_and_draining_flag() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    assert h.core.handle_channel_data(encode_channel_data(0x4000, b"z"), CLIENT, 0.0) is None
+    assert h.core.handle_stun(b"\x00\x01\x00", CLIENT, 0.0, "sink") is None
+    assert value(registry, "turn_dropped_packets_total", reason="unbound_channel") == 1
+    assert value(registry, "turn_dropped_packets_total", reason="not_stun") == 1
+    assert value(registry, "turn_dropped_packets_total", reason="no_permission") == 0
+    assert value(registry, "turn_draining") == 0
+    h.core.draining = True
+    assert value(registry, "turn_draining") == 1
+
+
+def test_relay_ports_listeners_and_build_info() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    server.relays.open_count = 7
+    server.relays.bind_failures = 2
+    registry = build_registry(server, process=False)
+    assert value(registry, "turn_relay_ports_in_use") == 7
+    assert value(registry, "turn_relay_ports_capacity") == 100
+    assert value(registry, "turn_relay_bind_failures_total") == 2
+    assert value(registry, "turn_listeners", transport="udp") == 2
+    assert value(registry, "turn_listeners", transport="tls") == 1
+    assert value(registry, "turn_listeners", transport="tcp") == 0
+    assert value(registry, "turn_build_info", version=__version__,
+                 python=TurnCollector(server).python_version) == 1
+
+
+def test_no_username_client_address_or_allocation_id_in_the_exposition() -> None:
+    h = make_core()
+    server = fake_server(h.core)
+    registry = build_registry(server, process=False)
+    alice = Client(h)
+    relayed = relay_of(alice.allocate())
+    alice.permit(0.0, ("10.0.0.1", 0), ("203.0.113.9", 0))
+    text = generate_latest(registry).decode()
+    for secret_or_id in (alice.username, alice.username.split(":")[1], CLIENT[1][0], relayed[0],
+                         str(relayed[1]), "203.0.113.9", "10.0.0.1"):
+        assert secret_or_id not in text
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("turn_")
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples)
+
+
+def test_the_collector_tolerates_a_server_that_has_not_started() -> None:
+    server = SimpleNamespace(core=None, relays=None, loop=None, config=None, state=None)
+    registry = build_registry(server, process=False)
+    text = generate_latest(registry).decode()
+    assert "turn_build_info{" in text
+    assert "turn_allocations" not in text
+
+
+def test_stream_connections_from_the_stream_layer_in_several_shapes() -> None:
+    assert stream_counts(None) is None
+    assert stream_counts(object()) is None
+    assert stream_counts({"tcp": 3, "tls": {1, 2}}) == {"tcp": 3, "tls": 2}
+
+    class Streams:
+        def open_counts(self) -> dict[str, int]:
+            return {"tls": 4}
+
+    assert stream_counts(Streams()) == {"tls": 4}
+    registry = build_registry(fake_server(None, streams=Streams()), process=False)
+    assert value(registry, "turn_stream_connections", transport="tls") == 4
+    assert value(registry, "turn_stream_connections", transport="tcp") == 0
+    absent = build_registry(fake_server(None), process=False)
+    assert value(absent, "turn_stream_connections", transport="tcp") is None
+
+
+def _write_cert(path: Path, not_after: datetime.datetime) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "turn.test")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_after - datetime.timedelta(days=30)).not_valid_after(not_after)
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_certificate_expiry_from_the_file_follows_a_renewal(tmp_path: Path) -> None:
+    cert = tmp_path / "fullchain.pem"
+    first = datetime.datetime(2031, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    _write_cert(cert, first)
+    assert certificate_not_after(str(cert)) == first.timestamp()
+    server = fake_server(None)
+    server.config = SimpleNamespace(tls_cert_file=str(cert), listen_tls=("0.0.0.0:5349",))
+    registry = build_registry(server, process=False)
+    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == first.timestamp()
+    renewed = datetime.datetime(2031, 8, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    _write_cert(cert, renewed)
+    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == renewed.timestamp()
+    cert.write_text("not a certificate")
+    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") is None
+
+
+def test_certificate_expiry_from_the_tls_layer_wins_over_the_file() -> None:
+    server = fake_server(None, tls=SimpleNamespace(not_after=1_900_000_000.0))
+    registry = build_registry(server, process=False)
+    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == 1_900_000_000.0
+    no_tls = build_registry(fake_server(None), process=False)
+    assert value(no_tls, "turn_tls_certificate_not_after_timestamp_seconds") is None
+
+
+def test_process_metrics_are_on_the_own_registry_not_the_global_one() -> None:
+    from prometheus_client import REGISTRY
+
+    registry = build_registry(fake_server(None))
+    names = {family.name for family in registry.collect()}
+    assert "python_info" in names
+    assert "turn_build_info" in names
+    assert all(not name.startswith("turn_") for name in (f.name for f in REGISTRY.collect()))
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_promtool_accepts_the_exposition_with_traffic() -> None:
+    h = make_core()
+    server = fake_server(h.core, streams={"tcp": 1, "tls": 0},
+                         tls=SimpleNamespace(not_after=1_900_000_000.0))
+    registry = build_registry(server)
+    alice = Client(h)
+    alice.allocate()
+    alice.bind(0.0, 0x4000, PEER)
+    h.core.handle_channel_data(encode_channel_data(0x4000, b"data"), CLIENT, 0.5)
+    alice.permit(0.0, ("10.0.0.1", 0))
+    body = generate_latest(registry)
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b""
