@@ -104,6 +104,7 @@ messages = st.builds(
 )
 
 
+@settings(deadline=None)
 @given(messages)
 def test_decode_of_encode_is_identity(msg: Message) -> None:
     raw = encode_message(msg)
@@ -114,6 +115,7 @@ def test_decode_of_encode_is_identity(msg: Message) -> None:
     assert peek_header(raw) == (msg.method, msg.msg_class, msg.transaction_id)
 
 
+@settings(deadline=None)
 @given(
     messages,
     st.binary(min_size=1, max_size=64),
@@ -189,7 +191,7 @@ def test_every_known_attribute_with_arbitrary_value_raises_only_decode_errors(
 SEEDS = ALL_VECTORS + [RFC8489_B1]
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     st.one_of(st.sampled_from(SEEDS), messages.map(lambda m: encode_message(m, key=b"k", fingerprint=True))),
     st.data(),
@@ -225,6 +227,7 @@ def _unpadded(frame: bytes) -> bytes:
     return frame
 
 
+@settings(deadline=None)
 @given(st.lists(frames, min_size=1, max_size=8), st.data())
 def test_framer_yields_the_same_frames_for_any_chunking(
     sent: list[bytes], data: st.DataObject

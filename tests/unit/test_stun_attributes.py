@@ -399,3 +399,16 @@ def test_encoder_refuses_values_it_cannot_represent(
 ) -> None:
     with pytest.raises(error):
         encode_message(Message(Method.ALLOCATE, MessageClass.REQUEST, TID, [(attr_type, value)]))
+
+
+def test_kept_bytes_are_dropped_when_the_transaction_id_changes() -> None:
+    # A reserved bit kept an XOR address's received bytes; those bytes are XORed with the old
+    # transaction ID, so a new ID must re-encode the address from its value.
+    original = raw_message(tlv(Attr.XOR_PEER_ADDRESS, bytes.fromhex("ff02 a147") + bytes(16)))
+    msg = decode_message(original)
+    peer = msg.get(Attr.XOR_PEER_ADDRESS)
+    assert encode_message(msg) == original
+    msg.transaction_id = bytes(12)
+    again = decode_message(encode_message(msg))
+    assert again.get(Attr.XOR_PEER_ADDRESS) == peer
+    assert again.transaction_id == bytes(12)

@@ -343,6 +343,9 @@ def encode_message(
         raise ValueError(f"integrity must be one of {_INTEGRITY_MODES}, not {integrity!r}")
 
     wire = msg._wire
+    if wire is not None and (msg.raw is None or msg.raw[8:20] != tid):
+        # Kept bytes of XOR addresses depend on the transaction ID they were received with.
+        wire = None
     encoders = ENCODERS
     pack_head = _ATTR_HEAD.pack
     parts: list[bytes] = []
