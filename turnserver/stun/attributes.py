@@ -569,10 +569,6 @@ def _params_not_canonical(data: bytes, off: int, length: int) -> bool:
     return b"".join(_write_algorithm(e) for e in entries) != data[off : off + length]
 
 
-def _single_param_not_canonical(data: bytes, off: int, length: int) -> bool:
-    return _params_not_canonical(data, off, length)
-
-
 RESERVED_CHECKS: dict[int, ReservedCheck] = {
     **{int(t): _first_byte_set for t in ADDRESS_TYPES | XOR_ADDRESS_TYPES},
     Attr.CHANNEL_NUMBER: lambda d, o, n: d[o + 2] != 0 or d[o + 3] != 0,
@@ -583,7 +579,7 @@ RESERVED_CHECKS: dict[int, ReservedCheck] = {
     Attr.ERROR_CODE: lambda d, o, n: d[o] != 0 or d[o + 1] != 0 or d[o + 2] & 0xF8 != 0,
     Attr.ADDRESS_ERROR_CODE: lambda d, o, n: d[o + 1] != 0 or d[o + 2] & 0xF8 != 0,
     Attr.ICMP: lambda d, o, n: d[o] != 0 or d[o + 1] != 0,
-    Attr.PASSWORD_ALGORITHM: _single_param_not_canonical,
+    Attr.PASSWORD_ALGORITHM: _params_not_canonical,  # one entry is a list of one
     Attr.PASSWORD_ALGORITHMS: _params_not_canonical,
 }
 
