@@ -191,3 +191,10 @@ def test_accepts_memoryview_and_bytearray_reads() -> None:
     data = ALL_VECTORS[1] + ALL_VECTORS[2]
     assert framer.feed(memoryview(data)[:50]) == []
     assert framer.feed(bytearray(data[50:])) == [ALL_VECTORS[1], ALL_VECTORS[2]]
+
+
+def test_legacy_channel_range_when_asked() -> None:
+    frame = b"\x7f\xfe\x00\x02ab\x00\x00"
+    assert StreamFramer(max_channel=0x7FFF).feed(frame) == [b"\x7f\xfe\x00\x02ab"]
+    with pytest.raises(FramingError):
+        StreamFramer().feed(frame)

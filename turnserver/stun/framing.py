@@ -33,11 +33,15 @@ class StreamFramer:
     At most one frame, never bigger than ``max_message_size``, is ever held.
     """
 
-    __slots__ = ("_buf", "_skip", "_max", "_error")
+    __slots__ = ("_buf", "_skip", "_max", "_error", "_channel_end")
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *,
+                 max_channel: int = 0x4FFF) -> None:
         if max_message_size < HEADER_SIZE:
             raise ValueError("max_message_size must hold at least a STUN header")
+        # First bytes below this are ChannelData: 0x50 for RFC 8656, 0x80 when the server also
+        # takes RFC 5766's 0x4000-0x7FFF channels (legacy_channel_numbers).
+        self._channel_end = (max_channel >> 8) + 1
         self._buf = bytearray()
         self._skip = 0  # ChannelData padding still to come and to drop
         self._max = max_message_size
@@ -85,7 +89,7 @@ class StreamFramer:
                         break
                     frames.append(bytes(buf[pos : pos + size]))
                     pos += size
-                elif first < 0x50:
+                elif first < self._channel_end:
                     size = 4 + length
                     padded = (size + 3) & ~3
                     if padded > limit:
