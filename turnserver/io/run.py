@@ -269,10 +269,6 @@ class Daemon:
         old = server.config
         report = await server.reload(settings.config, secrets, static_users)
         new = server.config
-        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
-            from ..logs import setup_logging
-
-            setup_logging(new.log_level, new.log_format)
         # Counts only: the log never holds a secret, password or key.
         log.info("reload applied in %.0f ms: %s; %d shared secret(s), %d static user(s); "
                  "%s kept",
@@ -286,6 +282,11 @@ class Daemon:
                         "force until then", ", ".join(report.needs_restart),
                         "s" if len(report.needs_restart) > 1 else "",
                         "" if len(report.needs_restart) > 1 else "s")
+        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
+            # Last, so this reload's own report still reaches the old destination and level.
+            from ..logs import setup_logging
+
+            setup_logging(new.log_level, new.log_format)
         return True
 
 
