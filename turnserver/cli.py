@@ -73,17 +73,7 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
 
         static_users = CredentialStore.load_static_users(config.static_users_file)
     if not secrets and not static_users:
-        # Embedded defaults: a fresh shared secret, shown once on the terminal (not logged).
-        generated = _secrets.token_urlsafe(32)
-        secrets = [generated.encode()]
-        click.echo(
-            "turnd: no secrets_file configured; generated a shared secret for this run:\n"
-            f"  {generated}\n"
-            "Mint browser credentials for it with:\n"
-            f"  {SECRETS_ENV}='{generated}' turnd mint --user alice --host <this host's address>\n"
-            "Set secrets_file (one secret per line) to keep it across restarts.",
-            err=True,
-        )
+        secrets = [_generated_secret().encode()]
     from .io.run import run_server, settings_loader
 
     # SIGHUP re-reads the same file with the same flags and environment as this start-up.
@@ -142,6 +132,31 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
         click.echo(f"EXPIRES_AT={creds.expires_at}")
         for url in creds.urls:
             click.echo(f"URL={url}")
+
+
+def _generated_secret() -> str:
+    """Embedded defaults: a fresh shared secret for this run, shown once.
+
+    On a terminal it is printed (not logged). Anywhere else (systemd, a container) stderr ends
+    up in a log, so the secret goes to a file readable only by this user and only its path is
+    printed.
+    """
+    generated = _secrets.token_urlsafe(32)
+    how = ("Mint browser credentials for it with:\n"
+           f"  {SECRETS_ENV}=\"$(cat FILE)\" turnd mint --user alice --host <this host's address>\n"
+           "Set secrets_file (one secret per line) to keep a secret across restarts.")
+    if sys.stderr.isatty():
+        click.echo("turnd: no secrets_file configured; generated a shared secret for this run:\n"
+                   f"  {generated}\n" + how.replace('"$(cat FILE)"', f"'{generated}'"), err=True)
+        return generated
+    directory = os.environ.get("STATE_DIRECTORY") or os.path.expanduser("~")
+    path = os.path.join(directory.split(":")[0], "turnd-generated-secret")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(generated + "\n")
+    click.echo(f"turnd: no secrets_file configured; generated a shared secret for this run in {path}\n"
+               + how.replace("FILE", path), err=True)
+    return generated
 
 
 def _public_ports(config: Config) -> dict[str, int | None]:

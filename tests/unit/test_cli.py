@@ -1,0 +1,115 @@
+"""The turnd command line: mint, and serve's refusal of bad configuration."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+
+from turnserver.cli import main
+
+SECRET = "cli-test-secret"
+
+
+def expected_password(username: str, secret: str = SECRET) -> str:
+    return base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+
+
+def run(args: list[str], env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, args, env=env or {}, catch_exceptions=False)
+
+
+def test_mint_prints_ice_servers_for_a_browser() -> None:
+    before = int(time.time())
+    result = run(["mint", "--user", "alice", "--ttl", "120", "--host", "turn.example.com"], {"TURND_SECRETS": SECRET})
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)
+    turn, stun = config["iceServers"]
+    expiry, user = turn["username"].split(":")
+    assert user == "alice" and before + 120 <= int(expiry) <= int(time.time()) + 120
+    assert turn["credential"] == expected_password(turn["username"])
+    assert turn["urls"] == ["turn:turn.example.com:3478?transport=udp", "turn:turn.example.com:3478?transport=tcp",
+                            "turns:turn.example.com:5349?transport=tcp"]
+    assert stun == {"urls": ["stun:turn.example.com:3478"]}
+
+
+def test_mint_plain_form_reads_the_secrets_file_and_uses_the_first_secret(tmp_path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.write_text(f"{SECRET}\nolder-secret\n")
+    result = run(["mint", "--user", "bob", "--secrets-file", str(secrets), "--format", "plain", "--host", "::1"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and line[0].isupper())
+    assert lines["PASSWORD"] == expected_password(lines["USERNAME"])
+    assert "turn:[::1]:3478?transport=udp" in result.stdout
+
+
+def test_mint_uses_ports_and_public_host_from_the_configuration(tmp_path) -> None:
+    config = tmp_path / "turnd.toml"
+    config.write_text('public_host = "relay.example.net"\nlisten_udp = ["0.0.0.0:443"]\n'
+                      'listen_tcp = []\nlisten_tls = ["0.0.0.0:443"]\n')
+    result = run(["mint", "--user", "c", "--config", str(config)], {"TURND_SECRETS": SECRET})
+    assert result.exit_code == 0, result.output
+    urls = json.loads(result.stdout)["iceServers"][0]["urls"]
+    assert urls == ["turn:relay.example.net:443?transport=udp", "turns:relay.example.net:443?transport=tcp"]
+
+
+def test_mint_without_a_secret_fails_clearly() -> None:
+    result = CliRunner().invoke(main, ["mint", "--user", "x", "--host", "h"], env={"TURND_SECRETS": ""})
+    assert result.exit_code == 2
+    assert "TURND_SECRETS" in result.stderr and "secrets_file" in result.stderr
+
+
+def test_mint_refuses_a_colon_in_the_user() -> None:
+    result = CliRunner().invoke(main, ["mint", "--user", "a:b", "--host", "h"], env={"TURND_SECRETS": SECRET})
+    assert result.exit_code == 2 and "--user" in result.stderr
+
+
+def test_mint_has_no_way_to_take_the_secret_from_argv() -> None:
+    result = CliRunner().invoke(main, ["mint", "--help"])
+    assert "--secret " not in result.stdout and "--secrets-file" in result.stdout
+
+
+def test_serve_refuses_bad_configuration_naming_each_option(tmp_path) -> None:
+    env = dict(os.environ, TURND_SECRETS=SECRET)
+    result = subprocess.run(
+        [sys.executable, "-m", "turnserver", "serve", "--relay-addresses", "192.0.2.77", "--allowed-peers", "10.0.0.0/33",
+         "--listen-udp", "127.0.0.1:0", "--listen-tcp", "", "--listen-tls", ""],
+        capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "relay_addresses" in result.stderr and "allowed_peers" in result.stderr
+    value_error = subprocess.run([sys.executable, "-m", "turnserver", "serve", "--relay-port-min", "70000"],
+                                 capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert value_error.returncode == 2 and "relay_port_min" in value_error.stderr
+
+
+def test_serve_writes_a_generated_secret_to_a_private_file_when_not_on_a_terminal(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TURND_SECRETS"}
+    env.update(STATE_DIRECTORY=str(tmp_path), HOME=str(tmp_path))
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "turnserver", "serve", "--listen-udp", "127.0.0.1:0", "--listen-tcp", "",
+         "--listen-tls", "", "--relay-addresses", "127.0.0.1", "--metrics-listen", "", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    secret_file = tmp_path / "turnd-generated-secret"
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32
+    assert secret_file.stat().st_mode & 0o077 == 0
+    assert secret not in err and secret not in out
+    assert str(secret_file) in err
