@@ -503,24 +503,15 @@ class TroubleReporter:
         if not moved:
             return None
         routine = set(moved) == {"dropped"} and set(moved["dropped"]) <= ROUTINE_DROPS
+        # The counts travel as structured fields: key=value pairs in text, an object in JSON.
         self.logger.log(
             logging.DEBUG if routine else logging.WARNING,
-            "%s in the last %.0f s: %s",
+            "%s in the last %.0f s:",
             "routine drops" if routine else "refusals and drops",
             interval_s,
-            _summary(moved),
             extra={"trouble": moved},
         )
         return moved
-
-
-def _summary(moved: Mapping[str, Mapping[str, int]]) -> str:
-    names = {"dropped": "dropped packets", "policy_refusals": "peer policy refusals",
-             "auth_failures": "auth failures", "allocations_refused": "allocations refused"}
-    parts = []
-    for name, deltas in moved.items():
-        parts.append(f"{names.get(name, name)} " + ", ".join(f"{k}={v}" for k, v in deltas.items()))
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------- glue

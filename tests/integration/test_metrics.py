@@ -256,4 +256,4 @@ def test_a_flood_of_bad_packets_gives_one_summary_line_not_one_per_packet(server
     lines = [line for line in server.log_text().splitlines() if "not_stun" in line]
     # Shorter runs than the summary period still get their summary at stop.
     assert len(lines) == 1, lines
-    assert f"not_stun={count}" in lines[0] and "WARNING" in lines[0]
+    assert f"dropped.not_stun={count}" in lines[0] and "WARNING" in lines[0]
