@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 # Attributes every LogRecord has: anything else on a record came in through ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -122,11 +122,54 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+class BurstLimit(logging.Filter):
+    """Rate-limits warnings and errors per call site: ``burst`` records per ``interval_s``.
+
+    A bug hit by every packet of a flood, or a warning a client can trigger at will, would
+    otherwise write one line per packet. Records beyond the burst are dropped and counted; the
+    next record let through from the same site carries ``suppressed=N``. Info and debug records
+    (the usage records among them) are never held back.
+    """
+
+    MAX_SITES = 1024
+
+    def __init__(self, burst: int = 5, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval_s = interval_s
+        self.clock = clock
+        # call site -> [window start, records let through in it, records suppressed]
+        self._sites: dict[tuple[str, int, str, int], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, record.pathname, record.lineno)
+        now = self.clock()
+        site = self._sites.get(key)
+        if site is None:
+            if len(self._sites) >= self.MAX_SITES:
+                self._sites.clear()  # a bound, not a policy: sites are few in practice
+            site = self._sites[key] = [now, 0, 0]
+        elif now - site[0] >= self.interval_s:
+            site[0], site[1] = now, 0
+        if site[1] >= self.burst:
+            site[2] += 1
+            return False
+        site[1] += 1
+        if site[2]:
+            record.suppressed = int(site[2])
+            site[2] = 0
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """(Re)configure the root logger; called at start-up and on reload."""
     root = logging.getLogger()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(BurstLimit())
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

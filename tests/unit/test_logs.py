@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from turnserver.io.server import usage_record
-from turnserver.logs import JsonFormatter, TextFormatter, setup_logging
+from turnserver.logs import BurstLimit, JsonFormatter, TextFormatter, setup_logging
 from turnserver.turn.allocation import Allocation
 
 
@@ -162,3 +162,52 @@ def test_usage_record_round_trips_through_the_json_formatter(restore_root: None)
     assert entry["logger"] == "turnd.usage"
     assert entry["usage"]["reason"] == "expired" and entry["usage"]["duration_s"] == 600.0
     assert entry["usage"]["bytes_to_client"] == 5678
+
+
+def test_burst_limit_holds_back_a_flood_per_call_site_and_reports_the_count() -> None:
+    clock = [0.0]
+    limit = BurstLimit(burst=3, interval_s=10.0, clock=lambda: clock[0])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(limit)
+    log = logging.getLogger("turnd.test.burst")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+
+    def handle_packet(i: int) -> None:  # one call site, hit by every packet of a flood
+        try:
+            raise ValueError(i)
+        except ValueError:
+            log.exception("error handling a datagram")
+
+    try:
+        for i in range(1000):
+            handle_packet(i)
+        log.warning("another site")  # its own budget
+        log.info("usage records are never held back")
+        for _ in range(10):
+            log.debug("nor is debug")
+        clock[0] = 10.0
+        for i in range(2):
+            handle_packet(i)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    flood = [e for e in entries if e["msg"] == "error handling a datagram"]
+    assert len(flood) == 5  # 3 in the first window, 2 in the next
+    assert all("suppressed" not in e for e in flood[:3])
+    assert flood[3]["suppressed"] == 997 and "suppressed" not in flood[4]
+    assert "ValueError: 0" in flood[0]["exc"]
+    assert [e["msg"] for e in entries].count("another site") == 1
+    assert [e["msg"] for e in entries].count("nor is debug") == 10
+    assert [e["msg"] for e in entries].count("usage records are never held back") == 1
+
+
+def test_setup_logging_installs_the_burst_limit(restore_root: None) -> None:
+    stream, log = emit("text")
+    for _ in range(50):
+        log.warning("same warning, same line")
+    assert stream.getvalue().count("same warning") == 5
