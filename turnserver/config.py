@@ -223,9 +223,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("alternate_server", "str", None,
            "\"ip:port\" sent in ALTERNATE-SERVER with 300 Try Alternate to new Allocates "
            "while draining (RFC 8489 §10).", "operations", reload=True),
-    Option("workers", "int", 1,
-           "Worker processes sharing the listeners (SO_REUSEPORT).", "operations",
-           reload=False, minimum=1, maximum=1024),
 )
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -275,7 +272,6 @@ class Config:
     public_host: str | None = None
     drain_timeout_s: float = 600.0
     alternate_server: str | None = None
-    workers: int = 1
 
 
 @dataclass(frozen=True)

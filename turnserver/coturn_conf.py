@@ -412,7 +412,7 @@ _TLS_DEFAULTS = "turnd uses the Python ssl defaults (TLS 1.2 and later, the syst
 _NO_DB = ("turnd reads no user database; export REST API secrets to secrets_file and static "
           "users to static_users_file")
 _NO_5780 = "RFC 5780 NAT behaviour discovery is not supported (no alternate ports)"
-_THREADS = "turnd scales with worker processes (the workers option), not threads"
+_THREADS = "turnd runs one event loop per process and has no thread pool"
 
 _HANDLERS: dict[str, Handler] = {
     # listeners

@@ -342,10 +342,10 @@ def test_rfc8489_text_limits_and_public_host() -> None:
 
 
 def test_a_hand_built_config_with_wrong_types() -> None:
-    config = with_(workers="2", listen_udp=["127.0.0.1:3478"], log_level="loud",
+    config = with_(max_connections="2", listen_udp=["127.0.0.1:3478"], log_level="loud",
                    realm=None)
     found = by_option(check(config))
-    assert set(found) == {"workers", "listen_udp", "log_level", "realm"}
+    assert set(found) == {"max_connections", "listen_udp", "log_level", "realm"}
 
 
 def test_several_problems_at_once(tmp_path: Path) -> None:

@@ -67,13 +67,13 @@ def test_check_flags_override_the_file(tmp_path: Path) -> None:
 def test_check_load_problems_all_on_stderr_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "turnd.toml"
     path.write_text('relay_port_min = "x"\nbogus_key = 1\n', encoding="utf-8")
-    result = runner().invoke(check, ["--config", str(path), "--workers", "0"],
+    result = runner().invoke(check, ["--config", str(path), "--max-connections", "0"],
                              env={"TURND_LOG_LEVEL": "loud"})
     assert result.exit_code == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert sorted(line.split(":", 1)[0] for line in lines) == ["bogus_key", "log_level",
-                                                               "relay_port_min", "workers"]
+                                                               "max_connections", "relay_port_min"]
 
 
 def test_check_deep_problems_exit_2() -> None:
@@ -96,10 +96,10 @@ def test_check_missing_config_file(tmp_path: Path) -> None:
 
 def test_check_config_from_turnd_config_env(tmp_path: Path) -> None:
     path = tmp_path / "turnd.toml"
-    path.write_text("workers = 0\n", encoding="utf-8")
+    path.write_text("max_connections = 0\n", encoding="utf-8")
     result = runner().invoke(check, [], env={"TURND_CONFIG": str(path)})
     assert result.exit_code == 2
-    assert result.stderr.startswith("workers: must be at least 1")
+    assert result.stderr.startswith("max_connections: must be at least 1")
 
 
 # -- convert-coturn --------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_registry_spellings_and_reload_classes() -> None:
     restart_only = {o.name for o in OPTIONS if not o.reload}
     assert restart_only == {"listen_udp", "listen_tcp", "listen_tls", "relay_addresses",
                             "external_addresses", "relay_port_min", "relay_port_max", "realm",
-                            "metrics_listen", "workers"}
+                            "metrics_listen"}
 
 
 # -- sources and precedence ----------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
 def test_env_conversions() -> None:
     env = {
         "TURND_ALLOW_REFRESH_AFTER_EXPIRY": "0",
-        "TURND_WORKERS": " 4 ",
+        "TURND_MAX_CONNECTIONS": " 4 ",
         "TURND_DRAIN_TIMEOUT_S": "2.5",
         "TURND_DENIED_PEERS": "10.0.0.0/8, 192.168.0.0/16\n172.16.0.0/12,",
         "TURND_TLS_KEY_FILE": "key.pem",
@@ -122,7 +122,7 @@ def test_env_conversions() -> None:
     }
     config = load_config(None, env=env)
     assert config.allow_refresh_after_expiry is False
-    assert config.workers == 4
+    assert config.max_connections == 4
     assert config.drain_timeout_s == 2.5
     assert config.denied_peers == ("10.0.0.0/8", "192.168.0.0/16", "172.16.0.0/12")
     assert config.tls_key_file == "key.pem"  # env paths stay relative to the working directory
@@ -169,10 +169,10 @@ def test_turnd_secrets_and_turnd_config_are_not_unknown_variables(tmp_path: Path
 
 def test_overrides_accept_native_values_too(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""), env={},
-                         overrides={"relay_addresses": ["127.0.0.1"], "workers": 2,
+                         overrides={"relay_addresses": ["127.0.0.1"], "max_connections": 2,
                                     "allow_refresh_after_expiry": False, "metrics_listen": None})
     assert config.relay_addresses == ("127.0.0.1",)
-    assert config.workers == 2
+    assert config.max_connections == 2
     assert config.allow_refresh_after_expiry is False
     assert config.metrics_listen == "127.0.0.1:9641"  # None means "not given"
 
@@ -184,7 +184,7 @@ def test_every_problem_is_reported_at_once_each_naming_its_option(tmp_path: Path
 relay_port_min = "50000"
 relay_prot_max = 60000
 log_level = "loud"
-workers = 0
+max_connections = 0
 listen_udp = "0.0.0.0:3478"
 allow_refresh_after_expiry = 1
 stream_idle_timeout_s = true
@@ -193,13 +193,13 @@ stream_idle_timeout_s = true
     with pytest.raises(ConfigError) as excinfo:
         load_config(path, env=env, overrides={"max_lifetime_s": "-1", "bogus": 1})
     found = problems_of(excinfo)
-    assert set(found) == {"relay_port_min", "relay_prot_max", "log_level", "workers",
+    assert set(found) == {"relay_port_min", "relay_prot_max", "log_level", "max_connections",
                           "listen_udp", "allow_refresh_after_expiry", "stream_idle_timeout_s",
                           "user_quota", "TURND_RELAY_PORTS", "max_lifetime_s", "bogus"}
     assert "expected an integer" in found["relay_port_min"][0]
     assert "did you mean relay_port_max" in found["relay_prot_max"][0]
     assert "debug, info, warning, error" in found["log_level"][0]
-    assert "at least 1" in found["workers"][0]
+    assert "at least 1" in found["max_connections"][0]
     assert "list of strings" in found["listen_udp"][0]
     assert "true or false" in found["allow_refresh_after_expiry"][0]
     assert "expected a number" in found["stream_idle_timeout_s"][0]
@@ -214,10 +214,10 @@ stream_idle_timeout_s = true
 
 
 def test_a_bad_file_value_is_reported_even_when_env_overrides_it(tmp_path: Path) -> None:
-    path = write(tmp_path, "workers = -3\n")
+    path = write(tmp_path, "max_connections = -3\n")
     with pytest.raises(ConfigError) as excinfo:
-        load_config(path, env={"TURND_WORKERS": "2"})
-    assert [p.option for p in excinfo.value.problems] == ["workers"]
+        load_config(path, env={"TURND_MAX_CONNECTIONS": "2"})
+    assert [p.option for p in excinfo.value.problems] == ["max_connections"]
 
 
 def test_unknown_key_with_suggestion(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_invalid_toml_and_missing_explicit_file(tmp_path: Path) -> None:
     assert "cannot read" in excinfo.value.problems[0].message
 
 
-@pytest.mark.parametrize("text", ["workers = 1.5", "workers = true", "drain_timeout_s = nan",
+@pytest.mark.parametrize("text", ["max_connections = 1.5", "max_connections = true", "drain_timeout_s = nan",
                                   "relay_port_max = 70000", "listen_udp = [1]",
                                   "listen_udp = [\"\"]", "realm = 7", "realm = \"a\\u0000b\""])
 def test_single_bad_values(tmp_path: Path, text: str) -> None:
@@ -357,8 +357,8 @@ def test_flags_given_become_overrides_and_load() -> None:
 
 
 def test_overrides_from_click_ignores_other_parameters() -> None:
-    assert overrides_from_click({"config_path": "x", "workers": "3", "listen_udp": (),
-                                 "realm": None}) == {"workers": "3"}
+    assert overrides_from_click({"config_path": "x", "max_connections": "3", "listen_udp": (),
+                                 "realm": None}) == {"max_connections": "3"}
 
 
 # -- reload ---------------------------------------------------------------------------------------------
