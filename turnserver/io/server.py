@@ -24,6 +24,8 @@ from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
 from .relay import RelayPortPool, UdpRelay, detect_relay_addresses
+from .stream import StreamServer
+from .tls import TlsCertificates, certificate_names
 
 log = logging.getLogger("turnd")
 usage_log = logging.getLogger("turnd.usage")
@@ -140,6 +142,8 @@ class TurnServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.core: TurnCore | None = None
         self.relays: RelayPortPool | None = None
+        # TCP/TLS listeners, connections and their counters; None without stream listeners.
+        self.streams: StreamServer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._udp_socks: list[socket.socket] = []
@@ -215,8 +219,37 @@ class TurnServer:
             raise
 
     async def _start_streams(self) -> None:
-        """TCP and TLS listeners (turnserver/io/stream.py); none yet in this build."""
-        return None
+        """TCP and TLS listeners (turnserver/io/stream.py, turnserver/io/tls.py)."""
+        config = self.config
+        if not (config.listen_tcp or config.listen_tls) or self.loop is None:
+            return
+        tls = None
+        if config.listen_tls:
+            tls = TlsCertificates.from_config(
+                config.tls_cert_file, config.tls_key_file,
+                names=certificate_names(config, self.state.relay_addresses),
+            )
+        self.streams = streams = StreamServer(
+            self.loop, get_config=lambda: self.config, get_core=lambda: self.core,
+            on_stun=self._arm_timer, tls=tls,
+        )
+        for kind, specs in (("tcp", config.listen_tcp), ("tls", config.listen_tls)):
+            for spec in specs:
+                host, port = parse_hostport(spec, f"listen_{kind}")
+                server, bound = await streams.listen(kind, host, port)
+                self.state.listeners.append(Listener(kind, bound, server=server))
+
+    def reload_tls(self, config: Config) -> None:
+        """Re-read the TLS certificate and key (SIGHUP): new handshakes use them, established
+        connections keep theirs. Raises TlsError and keeps serving the old certificate when
+        the new one cannot be loaded."""
+        if self.streams is not None:
+            self.streams.reload_tls(config, certificate_names(config, self.state.relay_addresses))
+
+    @property
+    def tls_not_after(self) -> float | None:
+        """Expiry (Unix time) of the certificate the TLS listeners serve, for metrics."""
+        return self.streams.tls_certificate_not_after() if self.streams is not None else None
 
     def _close_listeners(self) -> None:
         for lst in self.state.listeners:
@@ -246,6 +279,9 @@ class TurnServer:
         self._close_listeners()
         if self.core is not None and self.loop is not None:
             self.core.shutdown(self.loop.time())
+        if self.streams is not None:
+            self.streams.close()
+            self.streams.close_connections()
         # After shutdown, so its usage records and a last trouble summary are logged.
         await self.observability.stop()
         self._stopped.set()

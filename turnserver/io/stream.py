@@ -1,19 +1,23 @@
 """TURN over TCP and TLS (RFC 8656 §3.1, §12.5; RFC 7443): listeners and client connections.
 
-Each accepted connection is one :class:`StreamConnection`, an ``asyncio.Protocol`` (uvloop
-runs those without a Python-level stream layer). Bytes go through a
+Each client connection is one :class:`StreamConnection`, an ``asyncio.Protocol`` (uvloop runs
+those without a Python-level stream layer). Bytes go through a
 :class:`~turnserver.stun.StreamFramer`; STUN frames go to ``core.handle_stun`` with the
 connection itself as the sink, ChannelData frames to ``core.handle_channel_data``. The relay
-toward peers stays UDP (REQUESTED-TRANSPORT 17).
+toward peers stays UDP (REQUESTED-TRANSPORT 17). A connection's 5-tuple transport is "tcp"
+or "tls".
 
-TLS listeners accept a plain TCP socket and look at the first byte the client sends: 0x16
-(a TLS handshake record) starts TLS with ``loop.start_tls``; a STUN or ChannelData byte means
-the client speaks plain TURN on that port, as coturn allows. Doing TLS after accept (rather
-than ``create_server(ssl=...)``) also lets the connection cap apply at accept time and makes
-handshake failures visible, so both can be counted.
+Plain TCP listeners are ``loop.create_server`` servers. TLS listeners accept in Python (one
+``accept`` per connection, nothing per packet), peek at the first byte the client sends and
+hand the socket to ``loop.connect_accepted_socket``: with the TLS context when it is 0x16 (a
+TLS handshake record), as plain TURN otherwise (a STUN or ChannelData byte: coturn allows
+that too, and it lets one port 443 serve both). Accepting ourselves also means the
+connection cap applies before any handshake work, the handshake timeout covers a client
+that never sends a byte, failed handshakes can be counted, and every handshake picks up the
+context current at that moment, so a certificate reload needs no change to a live context.
 
-Limits, all read from the running configuration (a reload that changes them takes effect
-within a sweep interval, at most a second):
+Limits, read from the running configuration (a reload that changes them takes effect
+within one sweep interval, at most a second):
 
 * ``max_connections``: connections beyond it are reset at accept (reason ``capacity``).
 * ``tls_handshake_timeout_s``: the first byte and the TLS handshake must arrive within it.
@@ -23,6 +27,7 @@ within a sweep interval, at most a second):
   pauses us and peer data for that client is dropped (counted) instead of queued, so a
   client that never reads costs a bounded amount of memory. Replies to the client's own
   requests may use up to twice the limit, so a burst of media cannot starve a Refresh.
+* The framer holds at most one frame (64 KiB + header) per connection.
 
 Counters (:class:`StreamStats`, plain ints read at scrape time, reachable as
 ``TurnServer.streams.stats``):
@@ -30,24 +35,27 @@ Counters (:class:`StreamStats`, plain ints read at scrape time, reachable as
 * ``open[kind]``, ``accepted[kind]``: connections open now / accepted since start, by the
   kind of listener that accepted them ("tcp" or "tls"; a plain client on a TLS listener
   counts under "tls" there, and ``plain_on_tls`` counts those clients);
+  ``StreamServer.open_counts()`` returns a copy of ``open``;
 * ``closed[reason]``: connections closed, by reason: ``idle``, ``handshake`` (no first byte
   or no TLS handshake in time, or a failed handshake), ``framing`` (bytes that are neither
   STUN nor ChannelData), ``capacity`` (refused over ``max_connections``), ``peer_closed``
   (the client closed or reset), ``shutdown`` (server stopping);
-  ``accepted[tcp] + accepted[tls] == open[tcp] + open[tls] + sum(closed.values())``;
+  ``sum(accepted.values()) == sum(open.values()) + sum(closed.values())``;
 * ``dropped_messages``, ``dropped_bytes``: messages toward slow clients dropped because
   their write buffer was full;
-* the TLS certificate's expiry: :meth:`StreamServer.tls_certificate_not_after`.
+* the TLS certificate's expiry: :meth:`StreamServer.tls_certificate_not_after`, and
+  ``tls.reloads_ok`` / ``tls.reloads_failed`` on the :class:`~.tls.TlsCertificates`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
+import ssl
+import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 
 from ..stun import FramingError, StreamFramer
 from ..turn.allocation import Address, FiveTuple
@@ -64,16 +72,18 @@ CLOSE_REASONS = ("idle", "handshake", "framing", "capacity", "peer_closed", "shu
 LISTEN_BACKLOG = 1024
 # RFC 5246 §6.2.1 / RFC 8446 §5.1: ContentType handshake(22) opens every TLS connection.
 TLS_HANDSHAKE_RECORD = 0x16
-# Application data that arrives while start_tls is still returning; a client cannot have
-# sent more than a few requests before it saw any answer.
-_EARLY_DATA_LIMIT = 65536
+# Connections accepted per readiness callback of a TLS listener before yielding.
+_ACCEPT_BATCH = 64
 # Replies to a client's own requests may exceed the media limit by this factor.
 _CONTROL_HEADROOM = 2
-# The idle sweep runs this often at most and at least (seconds).
+# The idle sweep runs at most and at least this often (seconds).
 _SWEEP_MIN_S = 0.05
 _SWEEP_MAX_S = 1.0
+# SO_LINGER with a zero timeout: close() sends a reset and keeps no state (no TIME_WAIT).
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
-_SNIFF, _HANDSHAKE, _READY, _CLOSING, _CLOSED = range(5)
+# Connection states, in order: a state never goes back.
+_NEW, _SNIFF, _HANDSHAKE, _READY, _CLOSING, _CLOSED = range(6)
 
 
 @dataclass
@@ -105,6 +115,10 @@ class StreamStats:
     dropped_bytes: int = 0
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A bound (not yet listening) TCP socket, the stream twin of ``server.bind_udp``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -121,6 +135,14 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 class StreamServer:
@@ -146,12 +168,15 @@ class StreamServer:
         self.tls = tls
         self.stats = StreamStats()
         self.connections: set[StreamConnection] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Closable] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def listen(self, kind: str, host: str, port: int) -> tuple[asyncio.AbstractServer, Address]:
-        """Bind and serve one listener; ``kind`` is "tcp" or "tls". Returns the bound address."""
+    async def listen(self, kind: str, host: str, port: int) -> tuple[Closable, Address]:
+        """Bind and serve one listener; ``kind`` is "tcp" or "tls".
+
+        Returns an object whose ``close()`` stops the listener, and the bound address.
+        """
         if kind not in ("tcp", "tls"):
             raise ValueError(f"unknown stream listener kind {kind!r}")
         if kind == "tls" and self.tls is None:
@@ -159,9 +184,13 @@ class StreamServer:
         sock = bind_tcp(host, port)
         try:
             bound = sock.getsockname()
-            server = await self.loop.create_server(
-                lambda: StreamConnection(self, kind), sock=sock, backlog=LISTEN_BACKLOG,
-            )
+            server: Closable
+            if kind == "tcp":
+                server = await self.loop.create_server(
+                    lambda: StreamConnection(self, "tcp"), sock=sock, backlog=LISTEN_BACKLOG,
+                )
+            else:
+                server = TlsAcceptor(self, sock)
         except BaseException:
             sock.close()
             raise
@@ -195,7 +224,7 @@ class StreamServer:
             self.tls.reload(config.tls_cert_file, config.tls_key_file, names=names)
 
     def close(self) -> None:
-        """Stop the listeners and the sweep; existing connections stay (see close_connections)."""
+        """Stop the listeners and the sweep; connections stay (see close_connections)."""
         self._closed = True
         for server in self.servers:
             server.close()
@@ -207,6 +236,17 @@ class StreamServer:
         for conn in list(self.connections):
             conn.close("shutdown", abort=True)
 
+    def admit(self, conn: StreamConnection) -> bool:
+        """Count a new connection; False (counted as refused) when at the cap."""
+        stats = self.stats
+        stats.accepted[conn.kind] += 1
+        if self._closed or len(self.connections) >= self.limits.max_connections:
+            stats.closed["capacity"] += 1
+            return False
+        self.connections.add(conn)
+        stats.open[conn.kind] += 1
+        return True
+
     # ------------------------------------------------------------------ idle sweep
 
     def _schedule_sweep(self) -> None:
@@ -217,8 +257,8 @@ class StreamServer:
         self._sweep_handle = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        # One timer for all connections, as the core does for allocations: per-connection
-        # timers would cost a heap entry per connection per activity.
+        # One timer for all connections, as the core does for allocations: a timer per
+        # connection would be re-armed on every packet.
         self._sweep_handle = None
         try:
             self.refresh_limits()
@@ -232,97 +272,212 @@ class StreamServer:
         self._schedule_sweep()
 
 
+class TlsAcceptor:
+    """Accepts on a TLS listener socket and starts each connection's first-byte check."""
+
+    def __init__(self, streams: StreamServer, sock: socket.socket) -> None:
+        self.streams = streams
+        self.sock = sock
+        self.loop = streams.loop
+        sock.listen(LISTEN_BACKLOG)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except (OSError, ValueError):
+            pass
+        self.sock.close()
+
+    def _on_readable(self) -> None:
+        streams = self.streams
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn_sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: the kernel keeps the connection queued; try later
+                # rather than spin on a listener that stays readable.
+                log.warning("accept on a TLS listener failed: %s", exc)
+                return
+            conn = StreamConnection(streams, "tls")
+            if not streams.admit(conn):
+                conn._state = _CLOSED
+                _reset(conn_sock)
+                continue
+            try:
+                conn.start_sniff(conn_sock)
+            except Exception:
+                log.exception("cannot start a TLS connection")
+                conn_sock.close()
+                conn._finish("handshake")
+
+
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS client; also the sink the core hands peer data for this client to."""
 
     __slots__ = (
-        "streams", "kind", "loop", "_state", "_raw", "_transport", "_framer", "_five_tuple",
+        "streams", "kind", "loop", "_state", "_sock", "_transport", "_framer", "_five_tuple",
         "_client", "_server", "_opened_at", "_last_activity", "_unallocated_since",
-        "_had_allocation", "_write_paused", "_close_reason", "_peek", "_early",
-        "_handshake_task",
+        "_had_allocation", "_write_paused", "_close_reason", "_task",
     )
 
     def __init__(self, streams: StreamServer, kind: str) -> None:
         self.streams = streams
         self.kind = kind  # the listener's kind: "tcp" or "tls"
         self.loop = streams.loop
-        self._state = _SNIFF
-        self._raw: asyncio.Transport | None = None
-        self._transport: asyncio.Transport | None = None  # raw or TLS, once ready
+        self._state = _NEW
+        self._sock: socket.socket | None = None  # ours only while sniffing
+        self._transport: asyncio.Transport | None = None
         core = streams.get_core()
         # Legacy (RFC 5766) channel numbers reach the framer only when the operator allows them.
-        self._framer = StreamFramer(max_channel=core.config.channel_max if core is not None else 0x4FFF)
+        self._framer = StreamFramer(
+            max_channel=core.config.channel_max if core is not None else 0x4FFF)
         self._five_tuple: FiveTuple | None = None
         self._client: Address = ("", 0)
         self._server: Address = ("", 0)
-        self._opened_at = 0.0
-        self._last_activity = 0.0
+        self._opened_at = self.loop.time()
+        self._last_activity = self._opened_at
         self._unallocated_since: float | None = None
         self._had_allocation = False
         self._write_paused = False
         self._close_reason: str | None = None
-        self._peek: socket.socket | None = None
-        self._early: list[bytes] | None = None
-        self._handshake_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     @property
     def five_tuple(self) -> FiveTuple | None:
         return self._five_tuple
 
+    # ------------------------------------------------------------------ TLS listener path
+
+    def start_sniff(self, sock: socket.socket) -> None:
+        self._sock = sock
+        sock.setblocking(False)
+        self._client = _address(sock.getpeername())
+        self._server = _address(sock.getsockname())
+        self._state = _SNIFF
+        self.loop.add_reader(sock.fileno(), self._on_first_byte)
+
+    def _stop_sniff(self) -> socket.socket | None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                self.loop.remove_reader(sock.fileno())
+            except (OSError, ValueError):
+                pass
+        return sock
+
+    def _on_first_byte(self) -> None:
+        sock = self._sock
+        if sock is None or self._state != _SNIFF:
+            return
+        try:
+            head = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            head = b""
+        self._stop_sniff()
+        if not head:
+            sock.close()
+            self._finish("peer_closed")
+            return
+        context: ssl.SSLContext | None = None
+        if head[0] == TLS_HANDSHAKE_RECORD:
+            tls = self.streams.tls
+            assert tls is not None
+            context = tls.context  # the one current now: reloads affect new handshakes only
+        else:
+            # Plain STUN/ChannelData on a TLS port; garbage is left to the framer to reject.
+            self.streams.stats.plain_on_tls += 1
+        self._state = _HANDSHAKE
+        self._task = self.loop.create_task(self._connect(sock, context))
+
+    async def _connect(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        timeout = self.streams.limits.handshake_timeout_s
+        try:
+            if context is None:
+                await self.loop.connect_accepted_socket(lambda: self, sock)
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: self, sock, ssl=context,
+                    ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout,
+                )
+        # The loop owns the socket from here on and closes it on failure; closing it here
+        # as well could close a descriptor number already reused by another connection.
+        except asyncio.CancelledError:
+            self._finish(self._close_reason or "handshake")
+            raise
+        except Exception as exc:
+            # Scanners and clients that distrust the certificate end here: not our error.
+            log.debug("TLS handshake from %s failed: %r", self._client[0], exc)
+            self._task = None
+            self._finish(self._close_reason or "handshake")
+        else:
+            self._task = None
+
     # ------------------------------------------------------------------ lifecycle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        streams = self.streams
-        stats = streams.stats
-        self._raw = transport
-        stats.accepted[self.kind] += 1
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        if len(streams.connections) >= streams.limits.max_connections or not peer or not local:
-            # Refused at once: a reset costs less than a handshake or a framer.
-            self._state = _CLOSED
-            stats.closed["capacity"] += 1
+        # uvloop's transports do not subclass asyncio.Transport but have its methods.
+        transport = cast(asyncio.Transport, transport)
+        if self._state == _NEW:
+            # A plain TCP listener: this is the accept.
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            if not self.streams.admit(self) or not peer or not local:
+                if self in self.streams.connections:
+                    self._finish("peer_closed")
+                self._state = _CLOSED
+                # Refused at once: a reset costs less than a framer and a sweep entry.
+                transport.abort()
+                return
+            self._client = _address(peer)
+            self._server = _address(local)
+            name = "tcp"
+        elif self._state == _HANDSHAKE:
+            name = "tls" if transport.get_extra_info("ssl_object") is not None else "tcp"
+        else:  # closed while the handshake finished
             transport.abort()
             return
-        self._client = (peer[0], peer[1])
-        self._server = (local[0], local[1])
-        streams.connections.add(self)
-        stats.open[self.kind] += 1
-        self._opened_at = self._last_activity = self.loop.time()
-        if self.kind == "tls":
-            # Nothing may be read before we know whether this is TLS: start_tls must see
-            # the ClientHello from its first byte.
-            transport.pause_reading()
-            self._start_sniff(transport)
-        else:
-            self._become_ready(transport, "tcp")
+        self._transport = transport
+        self._five_tuple = (name, self._client, self._server)
+        self._state = _READY
+        self.apply_write_limits()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Lost in the middle of a TLS handshake: whichever of start_tls and this callback
-        # comes first, it counts as a failed handshake.
-        default = "handshake" if self._state == _HANDSHAKE else "peer_closed"
-        self._finish(self._close_reason or default)
+        self._finish(self._close_reason or "peer_closed")
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed client cannot get answers: close our side too
 
     def close(self, reason: str, *, abort: bool = False) -> None:
-        """Close for ``reason`` (counted when the transport reports it lost)."""
+        """Close for ``reason``; counted when the transport reports the connection lost."""
         if self._state >= _CLOSING:
             return
         self._close_reason = reason
+        state = self._state
         self._state = _CLOSING
-        self._stop_sniff()
         self._free_allocation()
-        transport = self._transport or self._raw
-        if transport is None:
+        transport = self._transport
+        if state == _SNIFF:
+            sock = self._stop_sniff()
+            if sock is not None:
+                _reset(sock)
             self._finish(reason)
-            return
-        if abort:
+        elif state == _HANDSHAKE or transport is None:
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()  # the loop closes the socket; _connect counts it
+            else:
+                self._finish(reason)
+        elif abort:
             transport.abort()
-            if self._raw is not None and self._raw is not transport:
-                self._raw.abort()
         else:
             # close() flushes what is queued first, so a reply written just before a
             # framing error still reaches the client.
@@ -340,9 +495,6 @@ class StreamConnection(asyncio.Protocol):
             streams.connections.discard(self)
             streams.stats.open[self.kind] -= 1
             streams.stats.closed[reason] = streams.stats.closed.get(reason, 0) + 1
-        task, self._handshake_task = self._handshake_task, None
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
 
     def _free_allocation(self) -> None:
         # RFC 8656 §3.1 / §7: a stream allocation lives only as long as its connection.
@@ -359,29 +511,26 @@ class StreamConnection(asyncio.Protocol):
             except Exception:
                 log.exception("freeing a stream allocation failed")
 
-    def _become_ready(self, transport: asyncio.Transport, transport_name: str) -> None:
-        self._transport = transport
-        self._five_tuple = (transport_name, self._client, self._server)
-        self._state = _READY
-        self.apply_write_limits()
-
     def apply_write_limits(self) -> None:
         if self._transport is None:
             return
         high = self.streams.limits.write_buffer_bytes
-        # Resume at a quarter: hysteresis so a client reading slowly does not flip the
+        # Resume at a quarter: hysteresis, so a client reading slowly does not flip the
         # state on every message.
         self._transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def check_timeouts(self, now: float, allocations: dict[FiveTuple, Any]) -> None:
         limits = self.streams.limits
         state = self._state
-        if state in (_SNIFF, _HANDSHAKE):
-            # start_tls enforces the handshake timeout itself; this also covers a client
-            # that connects to a TLS port and never sends a byte.
-            if now - self._opened_at >= limits.handshake_timeout_s + (
-                    limits.handshake_timeout_s if state == _HANDSHAKE else 0.0):
-                self.close("handshake", abort=True)
+        if state == _SNIFF:
+            # A client that connects to a TLS port and never sends a byte.
+            if now - self._opened_at >= limits.handshake_timeout_s:
+                self.close("handshake")
+            return
+        if state == _HANDSHAKE:
+            # connect_accepted_socket enforces the handshake timeout; this is a backstop.
+            if now - self._opened_at >= 2 * limits.handshake_timeout_s + 1.0:
+                self.close("handshake")
             return
         if state != _READY:
             return
@@ -391,109 +540,17 @@ class StreamConnection(asyncio.Protocol):
             self._unallocated_since = None
             return
         if self._unallocated_since is None:
-            self._unallocated_since = self._opened_at if not self._had_allocation else now
+            self._unallocated_since = now if self._had_allocation else self._opened_at
         if now - self._unallocated_since < limits.idle_timeout_s:
             return
         if self._had_allocation and now - self._last_activity < limits.idle_timeout_s:
             return
         self.close("idle")
 
-    # ------------------------------------------------------------------ TLS detection
-
-    def _start_sniff(self, transport: asyncio.Transport) -> None:
-        sock = transport.get_extra_info("socket")
-        try:
-            # A duplicate descriptor lets us wait for and peek at the first byte without
-            # taking it from the transport (which the loop owns and has paused).
-            self._peek = socket.socket(fileno=os.dup(sock.fileno()))
-            self.loop.add_reader(self._peek.fileno(), self._on_first_byte)
-        except (OSError, AttributeError, ValueError):
-            log.exception("cannot watch a new TLS connection")
-            self._stop_sniff()
-            self.close("handshake", abort=True)
-
-    def _stop_sniff(self) -> None:
-        peek = self._peek
-        if peek is None:
-            return
-        self._peek = None
-        try:
-            self.loop.remove_reader(peek.fileno())
-        except (OSError, ValueError):
-            pass
-        peek.close()
-
-    def _on_first_byte(self) -> None:
-        peek = self._peek
-        if peek is None or self._state != _SNIFF:
-            return
-        try:
-            head = peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            head = b""
-        self._stop_sniff()
-        raw = self._raw
-        assert raw is not None
-        if not head:
-            self.close("peer_closed")
-            return
-        if head[0] == TLS_HANDSHAKE_RECORD:
-            tls = self.streams.tls
-            assert tls is not None
-            self._state = _HANDSHAKE
-            self._early = []
-            self._handshake_task = self.loop.create_task(self._handshake(raw, tls.context))
-            return
-        # Plain STUN/ChannelData on a TLS port; garbage is left to the framer to reject.
-        self.streams.stats.plain_on_tls += 1
-        self._become_ready(raw, "tcp")
-        raw.resume_reading()
-
-    async def _handshake(self, raw: asyncio.Transport, context: Any) -> None:
-        timeout = self.streams.limits.handshake_timeout_s
-        try:
-            tls_transport = await self.loop.start_tls(
-                raw, self, context, server_side=True,
-                ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout,
-            )
-        except asyncio.CancelledError:
-            raw.abort()
-            raise
-        except Exception as exc:
-            # Scanners and clients that distrust the certificate end here: not an error.
-            log.debug("TLS handshake from %s failed: %s", self._client[0], exc)
-            if self._state == _HANDSHAKE:
-                self._close_reason = "handshake"
-                self._state = _CLOSING
-            raw.abort()
-            self._finish(self._close_reason or "handshake")
-            return
-        if tls_transport is None or self._state != _HANDSHAKE:
-            if tls_transport is not None:
-                tls_transport.abort()
-            raw.abort()
-            self._finish(self._close_reason or "peer_closed")
-            return
-        self._become_ready(tls_transport, "tls")  # type: ignore[arg-type]
-        early, self._early = self._early, None
-        for chunk in early or ():
-            if self._state != _READY:
-                break
-            self.data_received(chunk)
-
     # ------------------------------------------------------------------ data
 
     def data_received(self, data: bytes) -> None:
         if self._state != _READY:
-            early = self._early
-            if self._state == _HANDSHAKE and early is not None:
-                # The TLS layer may hand over application data that came with the client's
-                # Finished before start_tls has returned the transport to write answers to.
-                early.append(data)
-                if sum(map(len, early)) > _EARLY_DATA_LIMIT:
-                    self.close("framing", abort=True)
             return
         now = self.loop.time()
         self._last_activity = now
@@ -520,7 +577,8 @@ class StreamConnection(asyncio.Protocol):
                     else:
                         self._write_reply(reply)
                 else:
-                    # The framer only returns 0x40-0x4F here: ChannelData, padding removed.
+                    # The framer returns only ChannelData here (0x40-0x4F, or up to 0x7F with
+                    # legacy channel numbers), its padding removed.
                     out = core.handle_channel_data(frame, five_tuple, now)
                     if out is not None:
                         out.relay.sendto(out.data, out.peer)
@@ -530,8 +588,8 @@ class StreamConnection(asyncio.Protocol):
         if handled_stun:
             self.streams.on_stun()
         if self._framer.pending_error is not None:
-            # RFC 8656 §12.5 gives no way to resynchronise a stream: answer what was whole,
-            # then close.
+            # RFC 8656 §12.5 gives no way to find the next frame in a broken stream: answer
+            # what was whole, then close.
             self.close("framing")
 
     # ------------------------------------------------------------------ writing
@@ -563,3 +621,8 @@ class StreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+
+
+def _address(sockaddr: Any) -> Address:
+    # IPv6 socket addresses carry flow info and scope id; the 5-tuple needs host and port.
+    return (sockaddr[0], sockaddr[1])
