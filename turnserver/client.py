@@ -52,6 +52,7 @@ from .stun import (
 from .stun.errors import FramingError
 
 __all__ = [
+    "ALPN_STUN_TURN",
     "Address",
     "ClientStats",
     "ErrorResponse",
@@ -59,6 +60,8 @@ __all__ = [
     "TransportError",
     "TurnClient",
     "TurnClientError",
+    "client_tls_context",
+    "describe_transport_error",
 ]
 
 Address = tuple[str, int]
@@ -68,6 +71,8 @@ DEFAULT_TIMEOUT_S = 5.0
 INITIAL_RTO_S = 0.5
 MAX_TRANSMISSIONS = 7
 REQUESTED_TRANSPORT_UDP = 17  # RFC 8656 §18.7: the protocol number of UDP
+# RFC 7443 §4: the ALPN protocol id a TURN client offers over TLS.
+ALPN_STUN_TURN = "stun.turn"
 CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x4FFF
 # Received data waiting for receive(); beyond this it is dropped and counted, like a socket buffer.
@@ -237,6 +242,20 @@ class _StreamLink(_Link):
         return (name[0], name[1])
 
 
+def client_tls_context(*, verify: bool = True) -> _ssl.SSLContext:
+    """The system's default client context, offering ALPN "stun.turn" (RFC 7443).
+
+    ``verify=False`` accepts any certificate (a self-signed test server, say); the connection
+    is still encrypted but no longer authenticated.
+    """
+    context = _ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = _ssl.CERT_NONE
+    context.set_alpn_protocols([ALPN_STUN_TURN])
+    return context
+
+
 def describe_transport_error(exc: BaseException) -> str:
     """A short, operator-readable reason for a connection failure."""
     if isinstance(exc, TransportError):
@@ -324,7 +343,8 @@ class TurnClient:
         """Open the link to ``host:port`` and return a client on it.
 
         For ``tls`` without ``ssl_context`` the system's default verification applies (the
-        certificate must match ``server_hostname``, default ``host``). Connection failures
+        certificate must match ``server_hostname``, default ``host``) and ALPN "stun.turn" is
+        offered. Connection failures
         raise :class:`TransportError` (its ``cause`` is the OS or SSL error); a TCP/TLS
         connection that takes longer than ``timeout_s`` raises :class:`TransactionTimeout`.
         """
@@ -342,7 +362,7 @@ class TurnClient:
             else:
                 context: _ssl.SSLContext | None = None
                 if transport == "tls":
-                    context = ssl_context or _ssl.create_default_context()
+                    context = ssl_context or client_tls_context()
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(
                         host, port, ssl=context, local_addr=local_address,
@@ -368,6 +388,14 @@ class TurnClient:
     @property
     def local_address(self) -> Address:
         return self._link.local_address
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        """The ALPN protocol the TLS handshake settled on (RFC 7443), None without TLS or ALPN."""
+        if not isinstance(self._link, _StreamLink):
+            return None
+        ssl_object = self._link.writer.get_extra_info("ssl_object")
+        return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
     @property
     def channels(self) -> dict[int, Address]:

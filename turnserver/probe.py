@@ -34,6 +34,7 @@ from .client import (
     TransportError,
     TurnClient,
     TurnClientError,
+    client_tls_context,
     method_name,
 )
 from .config import SECRETS_ENV, Config, ConfigError, load_secrets
@@ -62,6 +63,7 @@ class ProbeResult:
     binding_rtt_ms: float | None = None
     allocate_ms: float | None = None  # the 401 challenge and the authenticated retry together
     relay_rtt_ms: float | None = None
+    alpn: str | None = None  # over TLS: the ALPN protocol agreed (RFC 7443 "stun.turn")
 
 
 def _fmt(address: Address | None) -> str | None:
@@ -165,6 +167,7 @@ async def probe_transport(
     try:
         a = await TurnClient.connect(host, port, **options)
         clients.append(a)
+        result.alpn = a.alpn_protocol
         result.step = "binding"
         started = time.monotonic()
         result.mapped = _fmt(await a.binding())
@@ -196,14 +199,6 @@ async def probe_transport(
     return result
 
 
-def _ssl_context(insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 async def run_probe(
     host: str,
     targets: list[tuple[str, int]],
@@ -217,7 +212,7 @@ async def run_probe(
     creds = mint_credentials(secret, user, CREDENTIAL_TTL_S)
     results = []
     for transport, port in targets:
-        context = _ssl_context(insecure) if transport == "tls" else None
+        context = client_tls_context(verify=not insecure) if transport == "tls" else None
         results.append(await probe_transport(
             host, port, transport, username=creds.username, password=creds.password,
             timeout_s=timeout_s, ssl_context=context,
@@ -230,7 +225,8 @@ def format_result(result: ProbeResult) -> str:
     if result.ok:
         return (f"{result.transport:<4} {where}  PASS  binding {result.binding_rtt_ms:.1f} ms, "
                 f"allocate {result.allocate_ms:.1f} ms, relay round trip {result.relay_rtt_ms:.1f} ms "
-                f"(mapped {result.mapped}, relayed {', '.join(result.relayed)})")
+                f"(mapped {result.mapped}, relayed {', '.join(result.relayed)}"
+                + (f", ALPN {result.alpn})" if result.alpn else ")"))
     return f"{result.transport:<4} {where}  FAIL  {result.step}: {result.error}"
 
 

@@ -160,7 +160,12 @@ def test_probe_passes_over_every_transport(tmp_path: Path) -> None:
         lines = result.stdout.splitlines()
         assert [line.split()[0] for line in lines[:3]] == ["udp", "tcp", "tls"]
         assert all("  PASS  " in line for line in lines[:3])
+        assert lines[2].endswith(", ALPN stun.turn)")  # RFC 7443: the server agreed to "stun.turn"
+        assert "ALPN" not in lines[0] + lines[1]
         assert lines[-1] == "3 of 3 transports passed"
+        report = json.loads(probe("127.0.0.1", *ports_args(server), "--insecure", "--json").stdout)
+        assert [r["alpn"] for r in report["results"]] == [None, None, "stun.turn"]
+        assert [r["ok"] for r in report["results"]] == [True, True, True]
     finally:
         server.stop()
 
