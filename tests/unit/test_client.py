@@ -244,6 +244,43 @@ def test_channel_data_on_an_unbound_channel_is_refused_locally() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_stream_transports_relay_with_padded_channel_data(transport: str) -> None:
+    async def main() -> None:
+        server = await start_server(**{f"listen_{transport}": ["127.0.0.1:0"]})
+        try:
+            (listener,) = [lst for lst in server.state.listeners if lst.transport == transport]
+            creds = mint_credentials(SECRET, "alice", 600)
+            options: dict[str, Any] = {"transport": transport, "username": creds.username,
+                                       "password": creds.password, "timeout_s": 3.0}
+            if transport == "tls":
+                from turnserver.client import client_tls_context
+
+                options["ssl_context"] = client_tls_context(verify=False)
+            a = await TurnClient.connect("127.0.0.1", listener.address[1], **options)
+            b = await TurnClient.connect("127.0.0.1", listener.address[1], **options)
+            ra, rb = await a.allocate(), await b.allocate()
+            await a.channel_bind(rb)
+            await b.channel_bind(ra)
+            # Lengths 1..5 cover every amount of RFC 8656 §12.5 padding, both ways.
+            for size in range(1, 6):
+                a.send_to(rb, b"a" * size)
+                assert await b.receive(2) == (ra, b"a" * size)
+                b.send_to(ra, b"b" * size)
+                assert await a.receive(2) == (rb, b"b" * size)
+            if transport == "tls":
+                assert a.alpn_protocol == "stun.turn"
+            assert server.core is not None
+            assert {ft[0] for ft in server.core.allocations} == {transport}
+            await a.close()
+            await b.close()
+            assert server.core.allocations == {}
+        finally:
+            await server.stop()
+
+    run(main())
+
+
 # ---------------------------------------------------------------------- UDP failure modes
 
 
