@@ -217,7 +217,8 @@ class TurnCollector(Collector):
                                       "(port taken by another process, or none left).", value=failures)
 
     def _streams(self) -> Iterator[Metric]:
-        counts = stream_counts(getattr(self.server, "streams", None))
+        streams = getattr(self.server, "streams", None)
+        counts = stream_counts(streams)
         if counts is None:
             return
         family = GaugeMetricFamily("turn_stream_connections", "Open TCP and TLS client connections.",
@@ -225,6 +226,33 @@ class TurnCollector(Collector):
         for transport in ("tcp", "tls"):
             family.add_metric([transport], counts.get(transport, 0))
         yield family
+        # The stream layer's own plain counters (io/stream.py StreamStats), when it has them.
+        stats = getattr(streams, "stats", None)
+        accepted = getattr(stats, "accepted", None)
+        if isinstance(accepted, Mapping):
+            yield _counter("turn_stream_connections_accepted_total", "TCP and TLS connections accepted, "
+                           "by the kind of listener.", "transport",
+                           _with_zeros(accepted, ("tcp", "tls")))
+        closed = getattr(stats, "closed", None)
+        if isinstance(closed, Mapping):
+            yield _counter("turn_stream_connections_closed_total", "TCP and TLS connections closed, by "
+                           "reason.", "reason", sorted(closed.items()))
+        for attr, name, doc in (
+            ("plain_on_tls", "turn_stream_plain_on_tls_total",
+             "Plain TCP clients accepted on a TLS listener (first-byte detection)."),
+            ("dropped_messages", "turn_stream_write_dropped_messages_total",
+             "Messages toward slow TCP/TLS clients dropped because their write buffer was full."),
+            ("dropped_bytes", "turn_stream_write_dropped_bytes_total",
+             "Bytes of the messages counted in turn_stream_write_dropped_messages_total."),
+        ):
+            value = getattr(stats, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                yield CounterMetricFamily(name, doc, value=value)
+        tls = getattr(streams, "tls", None)
+        ok, failed = getattr(tls, "reloads_ok", None), getattr(tls, "reloads_failed", None)
+        if isinstance(ok, int) and isinstance(failed, int):
+            yield _counter("turn_tls_reloads_total", "Reloads (SIGHUP) of the TLS certificate and key, "
+                           "by result.", "result", [("failed", failed), ("ok", ok)])
 
     def _certificate(self) -> Iterator[Metric]:
         not_after = _tls_not_after(self.server)

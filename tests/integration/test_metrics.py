@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -257,3 +258,48 @@ def test_a_flood_of_bad_packets_gives_one_summary_line_not_one_per_packet(server
     # Shorter runs than the summary period still get their summary at stop.
     assert len(lines) == 1, lines
     assert f"dropped.not_stun={count}" in lines[0] and "WARNING" in lines[0]
+
+
+def test_tcp_connections_and_the_tls_certificate_show_up(server_factory: Any) -> None:
+    server = server_factory(metrics_listen="127.0.0.1:0", listen_tcp=["127.0.0.1:0"], listen_tls=["127.0.0.1:0"])
+
+    async def scenario() -> None:
+        start = await scrape(server)
+        assert start.get("turn_listeners", transport="tcp") == 1
+        assert start.get("turn_listeners", transport="tls") == 1
+        assert start.get("turn_stream_connections", transport="tcp") == 0
+        # No certificate configured: the self-signed one made at start-up still has an expiry.
+        not_after = start.get("turn_tls_certificate_not_after_timestamp_seconds")
+        assert not_after is not None and not_after > time.time() + 86400
+        assert start.get("turn_tls_reloads_total", result="ok") == 0
+        server.signal(signal.SIGHUP)  # a reload re-reads the certificate
+
+        async def reloaded() -> bool:
+            return (await scrape(server)).get("turn_tls_reloads_total", result="ok") == 1
+
+        assert await wait_for(reloaded)
+        assert (await scrape(server)).get("turn_tls_reloads_total", result="failed") == 0
+        user, password = server.credentials("dave")
+        transport, _ = await aioice.turn.create_turn_endpoint(
+            Collect, server.address("tcp"), user, password, transport="tcp")
+        try:
+            during = await scrape(server)
+            assert during.get("turn_stream_connections", transport="tcp") == 1
+            assert during.get("turn_stream_connections_accepted_total", transport="tcp") == 1
+            assert during.get("turn_allocations", transport="tcp", family="ipv4") == 1
+        finally:
+            transport.close()
+
+        async def closed() -> bool:
+            now = await scrape(server)
+            return (now.get("turn_stream_connections", transport="tcp") == 0
+                    and now.get("turn_allocations", transport="tcp", family="ipv4") == 0)
+
+        assert await wait_for(closed)
+        after = await scrape(server)
+        assert after.get("turn_allocations_created_total", transport="tcp", family="ipv4") == 1
+        ended = sum(after.get("turn_allocations_ended_total", reason=r) or 0
+                    for r in ("deleted", "connection_closed"))
+        assert ended == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -221,6 +221,29 @@ def test_stream_connections_from_the_stream_layer_in_several_shapes() -> None:
     assert value(absent, "turn_stream_connections", transport="tcp") is None
 
 
+def full_streams() -> SimpleNamespace:
+    """Shaped like io/stream.py's StreamServer: open_counts(), stats, tls."""
+    stats = SimpleNamespace(open={"tcp": 2, "tls": 1}, accepted={"tcp": 9, "tls": 4},
+                            closed={"idle": 3, "handshake": 2, "framing": 0, "capacity": 1,
+                                    "peer_closed": 4, "shutdown": 0},
+                            plain_on_tls=1, dropped_messages=12, dropped_bytes=3400)
+    return SimpleNamespace(stats=stats, open_counts=lambda: dict(stats.open),
+                           tls=SimpleNamespace(reloads_ok=2, reloads_failed=1, not_after=2e9))
+
+
+def test_stream_layer_counters_are_exported() -> None:
+    registry = build_registry(fake_server(None, streams=full_streams()), process=False)
+    assert value(registry, "turn_stream_connections", transport="tcp") == 2
+    assert value(registry, "turn_stream_connections_accepted_total", transport="tls") == 4
+    assert value(registry, "turn_stream_connections_closed_total", reason="handshake") == 2
+    assert value(registry, "turn_stream_connections_closed_total", reason="peer_closed") == 4
+    assert value(registry, "turn_stream_plain_on_tls_total") == 1
+    assert value(registry, "turn_stream_write_dropped_messages_total") == 12
+    assert value(registry, "turn_stream_write_dropped_bytes_total") == 3400
+    assert value(registry, "turn_tls_reloads_total", result="ok") == 2
+    assert value(registry, "turn_tls_reloads_total", result="failed") == 1
+
+
 def _write_cert(path: Path, not_after: datetime.datetime) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -273,8 +296,7 @@ def test_process_metrics_are_on_the_own_registry_not_the_global_one() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_promtool_accepts_the_exposition_with_traffic() -> None:
     h = make_core()
-    server = fake_server(h.core, streams={"tcp": 1, "tls": 0},
-                         tls=SimpleNamespace(not_after=1_900_000_000.0))
+    server = fake_server(h.core, streams=full_streams(), tls=SimpleNamespace(not_after=1_900_000_000.0))
     registry = build_registry(server)
     alice = Client(h)
     alice.allocate()

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver.metrics import build_registry
 
-from .test_metrics import FakePool, fake_server
+from .test_metrics import FakePool, fake_server, full_streams
 from .turn_harness import make_core
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -29,7 +29,7 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
 def exported() -> dict[str, str]:
     """Family name as written in the docs (counters with _total) -> type, everything present."""
     h = make_core()
-    server = fake_server(h.core, streams={"tcp": 1, "tls": 2}, tls=SimpleNamespace(not_after=2e9))
+    server = fake_server(h.core, streams=full_streams(), tls=SimpleNamespace(not_after=2e9))
     server.relays = FakePool()
     text = generate_latest(build_registry(server)).decode()
     names = {}
@@ -98,7 +98,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
     rules.write_text(rules_yaml())
     result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, timeout=30)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
-    assert b"SUCCESS: 11 rules found" in result.stdout
+    assert b"SUCCESS: 12 rules found" in result.stdout
 
 
 @needs_promtool
