@@ -303,3 +303,33 @@ def test_tcp_connections_and_the_tls_certificate_show_up(server_factory: Any) ->
         assert ended == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_health_says_draining_with_503_while_a_sigterm_drain_waits(server_factory: Any) -> None:
+    server = server_factory(metrics_listen="127.0.0.1:0")
+    port = server.port("metrics")
+
+    async def scenario() -> None:
+        user, password = server.credentials("erin")
+        transport, _ = await aioice.turn.create_turn_endpoint(Collect, server.address("udp"), user, password)
+        try:
+            assert await http_get(port, "/health") == (200, "ok\n")
+            server.signal(signal.SIGTERM)  # the first SIGTERM drains: allocations stay
+
+            async def draining() -> bool:
+                return await http_get(port, "/health") == (503, "draining\n")
+
+            assert await wait_for(draining)
+            now = await scrape(server)  # metrics keep answering during the drain
+            assert now.get("turn_draining") == 1
+            assert now.get("turn_allocations", transport="udp", family="ipv4") == 1
+            with pytest.raises(Exception):  # new allocations are refused (508)
+                await aioice.turn.create_turn_endpoint(Collect, server.address("udp"), user, password)
+            assert (await scrape(server)).get("turn_allocations_refused_total", reason="draining") == 1
+        finally:
+            transport.close()  # the last allocation goes: the drain completes and the process exits
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert server.proc.wait(timeout=15) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
