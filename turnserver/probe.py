@@ -93,7 +93,7 @@ def explain_failure(exc: BaseException, step: str) -> str:
         if exc.code == 486:
             return f"{what}: user_quota reached for the probe's user (try --user)"
         if exc.code == 403:
-            return f"{what} on {method_name(exc.method)}: the peer policy refuses the server's own relay address"
+            return f"{what} on {method_name(exc.method)}: the peer policy refused the other allocation's relayed address"
         return f"{what} on {method_name(exc.method)}"
     if isinstance(exc, TransactionTimeout):
         hint = " (server down, or a firewall dropping the packets?)" if step in ("connect", "binding") else ""
