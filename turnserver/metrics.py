@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import platform
-import time
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any, Callable
 
@@ -27,8 +26,6 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import parse_hostport
-from .turn.allocation import family_of
-from .turn.core import FAMILY_NAMES
 
 log = logging.getLogger("turnd")
 
@@ -65,7 +62,7 @@ class TurnCollector(Collector):
     """Reads the server's plain counters at scrape time.
 
     ``server`` is the running :class:`~turnserver.io.server.TurnServer`; only these attributes
-    are read, each tolerated absent: ``core``, ``relays``, ``loop``, ``config``,
+    are read, each tolerated absent: ``core``, ``relays``, ``config``,
     ``state.listeners``, ``streams`` (open TCP/TLS connections) and ``tls_not_after`` or
     ``tls.not_after`` (the served certificate's expiry as a UNIX time, when the TLS code knows
     it; else ``config.tls_cert_file`` is read).
@@ -115,10 +112,7 @@ class TurnCollector(Collector):
 
     def _core(self, core: Any) -> Iterator[Metric]:
         stats = core.stats
-        loop = getattr(self.server, "loop", None)
-        now = loop.time() if loop is not None else time.monotonic()
-
-        current = {(t, f): 0 for t in TRANSPORTS for f in FAMILIES}
+        current = dict.fromkeys(((t, f) for t in TRANSPORTS for f in FAMILIES), 0)
         permissions = 0
         channels = 0
         # Relayed traffic is counted live: what ended allocations carried plus what the live
@@ -130,24 +124,36 @@ class TurnCollector(Collector):
             entry = traffic.setdefault(key, [0, 0])
             entry[0] += nbytes
             entry[1] += npackets
+        # One pass over the live allocations, with as little work each as possible: a scrape
+        # runs on the relay's loop, so its cost is a pause for every client.
+        live: dict[str, list[int]] = {}
         for allocation in core.allocations.values():
             transport = allocation.five_tuple[0]
             relays = allocation.relays
-            if len(relays) >= 2:
-                fam = "dual"
-            elif relays:
-                fam = FAMILY_NAMES.get(family_of(relays[0].address[0]), "ipv4")
+            if len(relays) == 1:
+                fam = "ipv6" if ":" in relays[0].address[0] else "ipv4"
             else:
-                fam = "ipv4"
-            current[(transport, fam)] = current.get((transport, fam), 0) + 1
-            permissions += sum(1 for expires_at in allocation.permissions.values() if expires_at > now)
-            channels += sum(1 for channel in allocation.channels.values() if channel.expires_at > now)
+                fam = "dual" if relays else "ipv4"
+            key2 = (transport, fam)
+            current[key2] = current.get(key2, 0) + 1
+            # Expired permissions and channels leave these dicts at their deadline (the core's
+            # timer heap), so their sizes are the live counts.
+            permissions += len(allocation.permissions)
+            channels += len(allocation.channels)
+            sums = live.get(transport)
+            if sums is None:
+                sums = live[transport] = [0, 0, 0, 0]
+            sums[0] += allocation.bytes_to_peer
+            sums[1] += allocation.packets_to_peer
+            sums[2] += allocation.bytes_to_client
+            sums[3] += allocation.packets_to_client
+        for transport, (up_b, up_p, down_b, down_p) in live.items():
             up = traffic.setdefault(("client_to_peer", transport), [0, 0])
-            up[0] += allocation.bytes_to_peer
-            up[1] += allocation.packets_to_peer
+            up[0] += up_b
+            up[1] += up_p
             down = traffic.setdefault(("peer_to_client", transport), [0, 0])
-            down[0] += allocation.bytes_to_client
-            down[1] += allocation.packets_to_client
+            down[0] += down_b
+            down[1] += down_p
 
         family = GaugeMetricFamily("turn_allocations", "Allocations alive now, by client transport and "
                                    "relayed address family.", labels=["transport", "family"])
@@ -169,9 +175,9 @@ class TurnCollector(Collector):
         yield _counter("turn_allocations_ended_total", "Allocations ended, by reason.",
                        "reason", _with_zeros(stats.allocations_ended, END_REASONS))
 
-        yield GaugeMetricFamily("turn_permissions", "Permissions installed and unexpired, over all "
-                                "allocations.", value=permissions)
-        yield GaugeMetricFamily("turn_channels", "Channels bound and unexpired, over all allocations.",
+        yield GaugeMetricFamily("turn_permissions", "Permissions installed now, over all allocations.",
+                                value=permissions)
+        yield GaugeMetricFamily("turn_channels", "Channels bound now, over all allocations.",
                                 value=channels)
 
         relayed_bytes = CounterMetricFamily("turn_relayed_bytes_total", "Application data bytes relayed "

@@ -108,7 +108,7 @@ def test_relayed_traffic_is_counted_live_and_survives_the_allocation_end() -> No
     assert value(registry, "turn_relayed_bytes_total", direction="client_to_peer", transport="tcp") == 0
 
 
-def test_permissions_and_channels_count_only_unexpired_entries() -> None:
+def test_permissions_and_channels_follow_installs_and_expiry() -> None:
     h = make_core()
     server = fake_server(h.core)
     registry = build_registry(server, process=False)
@@ -118,12 +118,15 @@ def test_permissions_and_channels_count_only_unexpired_entries() -> None:
     assert code(alice.bind(0.0, 0x4001, PEER)) == 200  # also installs PEER's permission
     assert value(registry, "turn_permissions") == 3
     assert value(registry, "turn_channels") == 1
-    # RFC 8656 §9: permissions last 300 s; §12: channels 600 s. Scrape between the two.
-    server.loop.now = 301.0
+    # RFC 8656 §9: permissions last 300 s; §12: channels 600 s. The server's loop runs the
+    # core's timers at each deadline; scrape between the two.
+    h.core.handle_timer(301.0)
     assert value(registry, "turn_permissions") == 0
     assert value(registry, "turn_channels") == 1
-    server.loop.now = 601.0
+    assert code(alice.refresh(400.0)) == 200  # keep the allocation past the channel's expiry
+    h.core.handle_timer(601.0)
     assert value(registry, "turn_channels") == 0
+    assert value(registry, "turn_allocations", transport="udp", family="ipv4") == 1
 
 
 def test_refusals_auth_failures_and_policy_are_counted_by_reason() -> None:
