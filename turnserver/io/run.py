@@ -275,8 +275,6 @@ class Daemon:
                  (time.monotonic() - started) * 1000,
                  ("changed " + ", ".join(report.applied)) if report.applied else "no option changed",
                  len(secrets), len(static_users), _allocations(self.allocation_count()))
-        if report.tls_reloaded:
-            log.info("reload: TLS certificate re-read")
         if report.needs_restart:
             log.warning("reload: %s changed but needs a restart; the running value%s stay%s in "
                         "force until then", ", ".join(report.needs_restart),
