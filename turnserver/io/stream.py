@@ -225,6 +225,18 @@ class StreamServer:
 
     def close(self) -> None:
         """Stop the listeners and the sweep; connections stay (see close_connections)."""
+        if not self._closed and self.servers:
+            stats = self.stats
+            # The totals of the process's life, for operators without a metrics scraper.
+            log.info("stream connections: accepted tcp=%d tls=%d (plain on tls %d), closed %s; "
+                     "%d messages (%d bytes) dropped toward slow clients",
+                     stats.accepted["tcp"], stats.accepted["tls"], stats.plain_on_tls,
+                     " ".join(f"{k}={v}" for k, v in stats.closed.items()),
+                     stats.dropped_messages, stats.dropped_bytes,
+                     extra={"streams": {"accepted": dict(stats.accepted),
+                                        "closed": dict(stats.closed),
+                                        "dropped_messages": stats.dropped_messages,
+                                        "dropped_bytes": stats.dropped_bytes}})
         self._closed = True
         for server in self.servers:
             server.close()
