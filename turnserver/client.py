@@ -70,8 +70,8 @@ DEFAULT_TIMEOUT_S = 5.0
 # RFC 8489 §6.2.1: initial RTO of 500 ms, doubled each retransmission, Rc = 7 transmissions.
 INITIAL_RTO_S = 0.5
 MAX_TRANSMISSIONS = 7
-REQUESTED_TRANSPORT_UDP = 17  # RFC 8656 §18.7: the protocol number of UDP
-# RFC 7443 §4: the ALPN protocol id a TURN client offers over TLS.
+REQUESTED_TRANSPORT_UDP = 17  # RFC 8656 §18.8: the protocol number of UDP
+# RFC 7443: the ALPN protocol id a TURN client offers over TLS.
 ALPN_STUN_TURN = "stun.turn"
 CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x4FFF
@@ -427,7 +427,7 @@ class TurnClient:
             if isinstance(peer, tuple) and isinstance(payload, bytes):
                 self._deliver(peer, payload)
             else:
-                self.stats.data_dropped += 1  # RFC 8656 §11.6: malformed Data indications are dropped
+                self.stats.data_dropped += 1  # RFC 8656 §11.4: malformed Data indications are dropped
         else:
             self.stats.responses_discarded += 1
 
@@ -653,7 +653,7 @@ class TurnClient:
         return relayed
 
     async def refresh(self, lifetime_s: int | None = None) -> int:
-        """RFC 8656 §7.3: extend the allocation; ``0`` deletes it. Returns the granted lifetime."""
+        """RFC 8656 §8.1: extend the allocation; ``0`` deletes it. Returns the granted lifetime."""
         msg = Message(Method.REFRESH, MessageClass.REQUEST)
         if lifetime_s is not None:
             msg.add(Attr.LIFETIME, lifetime_s)
@@ -668,7 +668,7 @@ class TurnClient:
         return granted
 
     async def create_permission(self, *peers: Address) -> None:
-        """RFC 8656 §9.1: install (or refresh) permissions for the peers' IP addresses."""
+        """RFC 8656 §10.1: install (or refresh) permissions for the peers' IP addresses."""
         if not peers:
             raise ValueError("create_permission needs at least one peer")
         msg = Message(Method.CREATE_PERMISSION, MessageClass.REQUEST)
@@ -677,7 +677,7 @@ class TurnClient:
         await self.request(msg)
 
     async def channel_bind(self, peer: Address, number: int | None = None) -> int:
-        """RFC 8656 §11.1: bind (or refresh) a channel to ``peer``; returns its number."""
+        """RFC 8656 §12.1: bind (or refresh) a channel to ``peer``; returns its number."""
         peer = (peer[0], peer[1])
         if number is None:
             number = self._peer_channels.get(peer)
@@ -704,7 +704,7 @@ class TurnClient:
     # ------------------------------------------------------------------ data
 
     def send_indication(self, peer: Address, data: bytes) -> None:
-        """RFC 8656 §10.1: a Send indication (no integrity: indications are not authenticated)."""
+        """RFC 8656 §11.1: a Send indication (no integrity: indications are not authenticated)."""
         msg = Message(Method.SEND, MessageClass.INDICATION)
         msg.add(Attr.XOR_PEER_ADDRESS, (peer[0], peer[1]))
         msg.add(Attr.DATA, data)

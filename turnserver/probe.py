@@ -5,11 +5,11 @@ Per transport (UDP, TCP, TLS to the server; the relay is always UDP):
 1. a STUN Binding request (RFC 8489 §3), which needs no credentials;
 2. an Allocate with REST credentials the probe mints itself from the shared secret;
 3. a second allocation, so the two can relay to each other and no outside peer is needed:
-   the first binds a channel to the second's relayed address (RFC 8656 §11), the second
-   installs a permission for the first's (§9);
+   the first binds a channel to the second's relayed address (RFC 8656 §12.1), the second
+   installs a permission for the first's (§10.1);
 4. data both ways: ChannelData out and a Data indication in on one side, a Send indication
-   out and ChannelData in on the other (§10, §12), timed as one relay round trip;
-5. Refresh with LIFETIME 0 on both (§7.3), so the probe leaves nothing behind.
+   out and ChannelData in on the other (§11, §12), timed as one relay round trip;
+5. Refresh with LIFETIME 0 on both (§8.1), so the probe leaves nothing behind.
 
 Exit status: 0 when every transport passed, 1 when any failed, 2 for usage errors.
 """
