@@ -33,6 +33,7 @@ from turnserver.stun import (
     decode_message,
     encode_channel_data,
     encode_message,
+    verify_fingerprint,
 )
 
 SECRET = "client-test-secret"
@@ -92,6 +93,24 @@ def test_binding_returns_the_reflexive_address_without_credentials() -> None:
             assert mapped == client.local_address
             assert server.core is not None
             assert server.core.stats.requests[("binding", 200)] == 1
+            await client.close()
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("fingerprint", [True, False])
+def test_responses_carry_fingerprint_when_the_request_did(fingerprint: bool) -> None:
+    async def main() -> None:
+        server = await start_server()
+        try:
+            client = await TurnClient.connect("127.0.0.1", udp_port(server), fingerprint=fingerprint)
+            response = await client.request(Message(Method.BINDING, MessageClass.REQUEST),
+                                             authenticate=False)
+            # RFC 8489 §7: the decoder already refused a FINGERPRINT that does not match.
+            assert (Attr.FINGERPRINT in response) is fingerprint
+            assert verify_fingerprint(response) is fingerprint
             await client.close()
         finally:
             await server.stop()
