@@ -1,0 +1,333 @@
+"""Benchmark turnd against coturn on this machine, in one invocation, and report ratios.
+
+    python benchmarks/run.py [--quick] [--json out.json] [--repeats N] [--only a,b]
+
+Both servers run on 127.0.0.1, each started here and stopped by PID. With two or more cores the
+server under test is pinned to one core and every load generator (turnutils_uclient, and this
+process for the allocation client) to another, so they do not compete for CPU. Each scenario runs
+``--repeats`` times per server, alternating which server goes first, and the median is reported.
+``--quick`` uses tiny sizes and runs everything at once: it checks that the harness works, and
+its numbers mean nothing. See benchmarks/README.md for what is measured and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository importable (benchmarks.*, turnserver.*).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import allocations, loadgen, servers  # noqa: E402
+from benchmarks.results import SCHEMA, Metric, ScenarioResult, Target, format_table  # noqa: E402
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+# Let the server settle (imports, first allocations of its heap) before reading memory.
+SETTLE_S = 1.0
+
+RELAY_METRICS = [
+    Metric("delivered_msgs_per_s", "delivered msg/s"),
+    Metric("delivered_mbit_per_s", "delivered Mbit/s"),
+    Metric("plateau_loss_pct", "loss % (plateau)", ratio=False),
+    Metric("loss_pct", "loss % (whole run)", ratio=False),
+    Metric("server_cpu_us_per_msg", "server CPU us/msg"),
+    Metric("server_cpu_pct", "server CPU %", ratio=False),
+    Metric("generator_cpu_pct", "generator CPU %", ratio=False),
+]
+RATE_METRICS = [
+    Metric("allocations_per_s", "allocations/s"),
+    Metric("client_cpu_pct", "client CPU %", ratio=False),
+    Metric("failed", "failed", ratio=False),
+]
+MEMORY_METRICS = [
+    Metric("kib_per_allocation", "KiB per allocation"),
+    Metric("rss_idle_kib", "RSS idle KiB"),
+    Metric("rss_loaded_kib", "RSS loaded KiB"),
+]
+
+
+@dataclass(frozen=True)
+class RelayScenario:
+    name: str
+    title: str
+    load: loadgen.Load
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int
+    plateau_intervals: int
+    moderate_clients: int
+    heavy_clients: int
+    messages: int
+    length: int
+    allocations: int
+    concurrency: int
+
+
+FULL = Sizes(repeats=3, plateau_intervals=3, moderate_clients=40, heavy_clients=120,
+             messages=10_000, length=100, allocations=2000, concurrency=50)
+QUICK = Sizes(repeats=1, plateau_intervals=1, moderate_clients=2, heavy_clients=4,
+              messages=300, length=100, allocations=20, concurrency=10)
+
+ALLOCATION_SCENARIOS = ("allocation_rate", "memory_per_allocation")
+
+
+def relay_scenarios(sizes: Sizes) -> list[RelayScenario]:
+    def load(clients: int, *flags: str, transport: str = "udp") -> loadgen.Load:
+        return loadgen.Load(clients=clients, messages=sizes.messages, length=sizes.length,
+                            flags=("-y", "-c", *flags), transport=transport)
+
+    moderate, heavy = sizes.moderate_clients, sizes.heavy_clients
+    return [
+        RelayScenario("udp_channel", f"UDP, ChannelData, {moderate} sessions x 1000 msg/s",
+                      load(moderate)),
+        RelayScenario("udp_channel_heavy", f"UDP, ChannelData, {heavy} sessions x 1000 msg/s",
+                      load(heavy)),
+        RelayScenario("udp_send", f"UDP, Send/Data indications, {moderate} sessions x 1000 msg/s",
+                      load(moderate, "-s")),
+        RelayScenario("tcp_channel", f"TCP to the server, ChannelData, {moderate} sessions x 1000 msg/s",
+                      load(moderate, transport="tcp")),
+    ]
+
+
+def new_results(sizes: Sizes, selected: set[str]) -> dict[str, ScenarioResult]:
+    out: dict[str, ScenarioResult] = {}
+    for sc in relay_scenarios(sizes):
+        if sc.name in selected:
+            out[sc.name] = ScenarioResult(
+                sc.name, sc.title, "delivered_msgs_per_s", "msg/s", True, RELAY_METRICS,
+                Target("delivered_msgs_per_s", ">=", 0.8))
+    if "allocation_rate" in selected:
+        out["allocation_rate"] = ScenarioResult(
+            "allocation_rate",
+            f"{sizes.allocations} UDP allocations through the 401 dance, {sizes.concurrency} in flight",
+            "allocations_per_s", "allocations/s", True, RATE_METRICS,
+            Target("allocations_per_s", ">=", 0.5))
+    if "memory_per_allocation" in selected:
+        out["memory_per_allocation"] = ScenarioResult(
+            "memory_per_allocation", f"RSS growth holding {sizes.allocations} UDP allocations",
+            "kib_per_allocation", "KiB", False, MEMORY_METRICS,
+            Target("kib_per_allocation", "<=", 4.0))
+    return out
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def measure_relay(server: servers.ServerUnderTest, scenario: RelayScenario, sizes: Sizes,
+                  generator_cpu: int | None) -> dict[str, Any]:
+    run = loadgen.run_uclient(server, scenario.load, cpu=generator_cpu)
+    result = loadgen.summarize(run, scenario.load, plateau_intervals=sizes.plateau_intervals)
+    if not server.alive():
+        result["error"] = f"server exited with {server.proc.returncode}"
+    return result
+
+
+def measure_allocations(server: servers.ServerUnderTest, sizes: Sizes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One fresh server: idle RSS, then N allocations held open: their rate and RSS growth."""
+    time.sleep(SETTLE_S)
+    idle = server.rss_kib()
+    cpu_before = time.process_time()
+    held = allocations.allocate_many(server, sizes.allocations, concurrency=sizes.concurrency)
+    client_cpu = time.process_time() - cpu_before
+    ok = held.ok
+    try:
+        time.sleep(SETTLE_S)
+        loaded = server.rss_kib()
+    finally:
+        held.close()
+    rate: dict[str, Any] = {
+        "allocations": ok, "failed": held.failed, "errors": held.errors,
+        "elapsed_s": round(held.elapsed_s, 3),
+        "allocations_per_s": round(ok / held.elapsed_s, 1) if held.elapsed_s > 0 else None,
+        # Near 100 %: the client, not the server, set the pace.
+        "client_cpu_pct": round(100.0 * client_cpu / held.elapsed_s, 1) if held.elapsed_s > 0 else None,
+    }
+    memory: dict[str, Any] = {
+        "allocations": ok, "rss_idle_kib": idle, "rss_loaded_kib": loaded,
+        "kib_per_allocation": round((loaded - idle) / ok, 3) if ok else None,
+    }
+    if ok == 0 or held.failed:
+        reason = f"{held.failed} of {sizes.allocations} allocations failed: {held.errors}"
+        rate["error"] = memory["error"] = reason
+    return rate, memory
+
+
+@dataclass
+class Plan:
+    sizes: Sizes
+    selected: set[str]
+    workdir: Path
+    server_cpu: int | None
+    generator_cpu: int | None
+    parallel: bool
+    log: Callable[[str], None]
+
+
+def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, ScenarioResult]) -> None:
+    """Every selected scenario once against ``name``: relay scenarios on one server process,
+    allocations on a fresh one (its memory must not carry the relay runs' history)."""
+    todo = [sc for sc in relay_scenarios(plan.sizes) if sc.name in plan.selected]
+    if todo:
+        server = servers.start(name, plan.workdir / f"{name}-relay-{rep}", cpu=plan.server_cpu)
+        try:
+            def one(sc: RelayScenario) -> None:
+                plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} {sc.name} ...")
+                result = measure_relay(server, sc, plan.sizes, plan.generator_cpu)
+                results[sc.name].add(name, result)
+                plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} {sc.name}: "
+                         f"{result.get('delivered_msgs_per_s')} msg/s delivered, "
+                         f"loss {result.get('plateau_loss_pct')} %, "
+                         f"server CPU {result.get('server_cpu_us_per_msg')} us/msg"
+                         + (f" ERROR {result['error']}" if "error" in result else ""))
+            _each(todo, one, plan.parallel)
+        finally:
+            server.stop()
+    if plan.selected & set(ALLOCATION_SCENARIOS):
+        server = servers.start(name, plan.workdir / f"{name}-alloc-{rep}", cpu=plan.server_cpu)
+        try:
+            rate, memory = measure_allocations(server, plan.sizes)
+        finally:
+            server.stop()
+        if "allocation_rate" in results:
+            results["allocation_rate"].add(name, rate)
+        if "memory_per_allocation" in results:
+            results["memory_per_allocation"].add(name, memory)
+        plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} allocations: "
+                 f"{rate['allocations_per_s']} /s, {memory['kib_per_allocation']} KiB each")
+
+
+def _each(items: list[Any], fn: Callable[[Any], None], parallel: bool) -> None:
+    if not parallel:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def run(plan: Plan) -> dict[str, ScenarioResult]:
+    results = new_results(plan.sizes, plan.selected)
+    for rep in range(plan.sizes.repeats):
+        # Alternate who goes first so slow drift on a shared machine hits both alike.
+        order = list(servers.SERVER_NAMES) if rep % 2 == 0 else list(reversed(servers.SERVER_NAMES))
+        _each(order, lambda name: run_server_pass(plan, name, rep, results), plan.parallel)
+    return results
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "-C", str(servers.REPO_ROOT), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from turnserver import __version__
+
+    return {
+        "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+        "python": platform.python_version(), "turnd_version": __version__,
+        "turnd_commit": commit, "coturn_version": servers.coturn_version(),
+    }
+
+
+def report(results: dict[str, ScenarioResult], plan: Plan, quick: bool, started: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": machine_info(),
+        "settings": {
+            **plan.sizes.__dict__, "server_cpu": plan.server_cpu,
+            "generator_cpu": plan.generator_cpu, "parallel": plan.parallel,
+        },
+        "scenarios": {name: sc.as_dict(judge=not quick) for name, sc in results.items()},
+    }
+
+
+def all_scenario_names() -> list[str]:
+    return [sc.name for sc in relay_scenarios(FULL)] + list(ALLOCATION_SCENARIOS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, everything at once: checks the harness, measures nothing")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output (default {DEFAULT_JSON})")
+    parser.add_argument("--repeats", type=int, help="runs per scenario and server (median reported)")
+    parser.add_argument("--only", help="comma-separated scenarios: " + ", ".join(all_scenario_names()))
+    parser.add_argument("--allocations", type=int, help="allocations held for the memory scenario")
+    parser.add_argument("--messages", type=int, help="messages per uclient session")
+    parser.add_argument("--workdir", type=Path, help="where server configs and logs go (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    if not servers.coturn_available():
+        print("coturn is not installed (turnserver, turnutils_uclient): nothing to compare against",
+              file=sys.stderr)
+        return 2
+    sizes = QUICK if args.quick else FULL
+    overrides = {k: v for k, v in (("repeats", args.repeats), ("allocations", args.allocations),
+                                   ("messages", args.messages)) if v is not None}
+    if any(v < 1 for v in overrides.values()):
+        parser.error("--repeats, --allocations and --messages must be at least 1")
+    sizes = Sizes(**{**sizes.__dict__, **overrides})
+    names = all_scenario_names()
+    selected = set(names)
+    if args.only:
+        selected = {s.strip() for s in args.only.split(",") if s.strip()}
+        unknown = selected - set(names)
+        if unknown:
+            parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu = generator_cpu = None
+    if len(cpus) >= 2 and not args.quick:
+        server_cpu, generator_cpu = cpus[0], cpus[1]
+        # This process is the allocation client: keep it off the server's core too.
+        os.sched_setaffinity(0, {generator_cpu})
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="turnd-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = Plan(sizes, selected, workdir, server_cpu, generator_cpu, parallel=args.quick,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    results = run(plan)
+    ordered = [results[n] for n in names if n in results]
+    doc = report({sc.name: sc for sc in ordered}, plan, args.quick, started)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(format_table(ordered, judge=not args.quick))
+    print(f"\n{'quick run: harness check only, the numbers mean nothing. ' if args.quick else ''}"
+          f"ratios are turnd/coturn, medians of {sizes.repeats} run(s); JSON: {args.json}; "
+          f"logs: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

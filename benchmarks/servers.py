@@ -1,0 +1,243 @@
+"""Start and stop the two servers under test on 127.0.0.1: turnd and coturn's ``turnserver``.
+
+Both get the same realm, the same TURN REST shared secret, their own relay port range on
+127.0.0.1 and, when the machine has two cores or more, the same pinned core. Each is started by
+this module and stopped by its PID, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from turnserver.config import toml_literal
+from turnserver.stun import MessageClass, Method, Message, decode_message, encode_message
+from turnserver.stun.errors import StunDecodeError
+
+from . import procfs
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SECRET = "benchmark-shared-secret"
+REALM = "bench.turnd"
+# Below the kernel's ephemeral range (32768-60999 by default) so relay ports never collide with
+# the load generator's own sockets, and away from the integration tests' 50000-50999.
+TURND_RELAY_PORTS = (21000, 23999)
+COTURN_RELAY_PORTS = (24000, 26999)
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+
+SERVER_NAMES = ("turnd", "coturn")
+
+
+def coturn_available() -> bool:
+    """True when coturn's server and load generator are both installed."""
+    return shutil.which("turnserver") is not None and shutil.which("turnutils_uclient") is not None
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """Prefix ``taskset`` so the process (and every thread it starts) runs on one core only."""
+    if cpu is None or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", str(cpu), *command]
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now (coturn needs a fixed one)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            udp.bind((HOST, 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind((HOST, port))
+            except OSError:
+                continue
+            return int(port)
+        finally:
+            udp.close()
+            tcp.close()
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def stun_binding_ok(port: int, timeout_s: float = 0.3) -> bool:
+    """One Binding request over UDP: does something answer STUN on that port?"""
+    request = Message(Method.BINDING, MessageClass.REQUEST)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.sendto(encode_message(request), (HOST, port))
+            data, _ = sock.recvfrom(2048)
+        except OSError:
+            return False
+    try:
+        reply = decode_message(data)
+    except StunDecodeError:
+        return False
+    return reply.transaction_id == request.transaction_id and reply.msg_class == MessageClass.SUCCESS
+
+
+@dataclass
+class ServerUnderTest:
+    """One running server process and where it listens."""
+
+    name: str  # "turnd" or "coturn"
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, int]  # transport -> port on 127.0.0.1
+    workdir: Path
+    log_path: Path
+    command: list[str] = field(default_factory=list)
+    secret: str = SECRET
+    realm: str = REALM
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        return procfs.rss_kib(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return procfs.cpu_seconds(self.pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> int:
+        """Stop the process this module started, by its PID; SIGKILL if it lingers."""
+        if self.alive():
+            # turnd stops at once on SIGINT (SIGTERM may drain allocations for minutes);
+            # coturn stops on either.
+            self.proc.send_signal(signal.SIGINT if self.name == "turnd" else signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _wait_until(check, proc: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log_path)}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=STOP_TIMEOUT_S)
+    raise RuntimeError(f"{what} did not become ready within {START_TIMEOUT_S} s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
+                relay_ports: tuple[int, int] = TURND_RELAY_PORTS) -> ServerUnderTest:
+    """``python -m turnserver serve`` from this working tree, UDP (and TCP) on port 0."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    secrets = workdir / "secrets"
+    secrets.write_text(SECRET + "\n")
+    options: dict[str, object] = {
+        "listen_udp": [f"{HOST}:0"],
+        "listen_tcp": [f"{HOST}:0"] if tcp else [],
+        "listen_tls": [],
+        "relay_addresses": [HOST],
+        "relay_port_min": relay_ports[0],
+        "relay_port_max": relay_ports[1],
+        "metrics_listen": "",
+        "realm": REALM,
+        "secrets_file": str(secrets),
+        # turnutils_uclient binds channels from RFC 5766's 0x4000-0x7FFF.
+        "legacy_channel_numbers": True,
+        # Same as coturn: one line per allocation, nothing per packet.
+        "log_level": "info",
+    }
+    config = workdir / "turnd.toml"
+    config.write_text("".join(f"{k} = {toml_literal(v)}\n" for k, v in options.items()))
+    ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)
+    log_path = workdir / "turnd.log"
+    env = dict(os.environ)
+    env.pop("TURND_SECRETS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = pinned([sys.executable, "-m", "turnserver", "serve", "--config", str(config),
+                      "--ready-file", str(ready)], cpu)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(REPO_ROOT))
+    _wait_until(ready.exists, proc, "turnd", log_path)
+    info = json.loads(ready.read_text())
+    ports = {lst["transport"]: int(lst["port"]) for lst in info["listeners"]
+             if lst["transport"] in ("udp", "tcp")}
+    server = ServerUnderTest("turnd", proc, ports, workdir, log_path, command)
+    _wait_until(lambda: stun_binding_ok(ports["udp"]), proc, "turnd", log_path)
+    return server
+
+
+def start_coturn(workdir: Path, *, cpu: int | None,
+                 relay_ports: tuple[int, int] = COTURN_RELAY_PORTS) -> ServerUnderTest:
+    """coturn's ``turnserver`` with no config file, UDP and TCP on one fixed port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "coturn.log"
+    last_error: Exception | None = None
+    # A port found free can be taken before coturn binds it; try a few.
+    for _ in range(3):
+        port = free_port()
+        command = pinned([
+            "turnserver", "-n",
+            f"--listening-ip={HOST}", f"--relay-ip={HOST}", f"--listening-port={port}",
+            f"--min-port={relay_ports[0]}", f"--max-port={relay_ports[1]}",
+            "--use-auth-secret", f"--static-auth-secret={SECRET}", f"--realm={REALM}",
+            "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
+            f"--log-file={log_path}", "--simple-log", f"--pidfile={workdir / 'coturn.pid'}",
+        ], cpu)
+        with open(workdir / "coturn.out", "wb") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        try:
+            _wait_until(lambda: stun_binding_ok(port), proc, "coturn", log_path)
+        except RuntimeError as exc:
+            last_error = exc
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            continue
+        return ServerUnderTest("coturn", proc, {"udp": port, "tcp": port}, workdir, log_path, command)
+    raise RuntimeError(f"coturn did not start: {last_error}")
+
+
+def start(name: str, workdir: Path, *, cpu: int | None) -> ServerUnderTest:
+    if name == "turnd":
+        return start_turnd(workdir, cpu=cpu)
+    if name == "coturn":
+        return start_coturn(workdir, cpu=cpu)
+    raise ValueError(f"unknown server {name!r}")
+
+
+def coturn_version() -> str:
+    try:
+        out = subprocess.run(["turnserver", "--version"], capture_output=True, timeout=5, text=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"
