@@ -1,11 +1,13 @@
 """A live TLS listener of an in-process TurnServer on 127.0.0.1, under asyncio and uvloop:
 certificate reload (new handshakes get the new certificate, established connections keep
 working), ALPN offered but not required (RFC 7443), any SNI accepted, old protocols and
-non-ECDHE suites refused, handshake failures counted."""
+non-ECDHE suites refused, handshake failures counted, accept paused when out of descriptors."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import ssl
 import warnings
 from pathlib import Path
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from turnserver.config import load_config
 from turnserver.io.server import TurnServer
+from turnserver.io.stream import TlsAcceptor
 from turnserver.io.tls import TlsError, make_self_signed
 from turnserver.stun import Message, MessageClass, Method, decode_message, encode_message
 
@@ -229,5 +232,51 @@ def test_stop_closes_open_connections_and_balances_the_counters(loop_kind: str) 
         assert sum(stats.accepted.values()) == sum(stats.open.values()) + sum(stats.closed.values())
         writer.close()
         await tls_client.close()
+
+    run(loop_kind, scenario)
+
+
+class FlakyListener:
+    """A listening socket whose first accept() fails as if the process had no descriptor left."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_out_of_descriptors_pauses_the_tls_listener_instead_of_spinning(loop_kind: str) -> None:
+    async def scenario() -> None:
+        server, port = await started(server_config())
+        try:
+            assert server.streams is not None
+            acceptor = server.streams.servers[0]
+            assert isinstance(acceptor, TlsAcceptor)
+            flaky = FlakyListener(acceptor.sock)
+            acceptor.sock = flaky  # type: ignore[assignment]
+            loop = asyncio.get_running_loop()
+            started_at = loop.time()
+            client_task = asyncio.ensure_future(TlsClient.connect(port, client_context()))
+            await asyncio.sleep(0.5)
+            # One failed accept, then quiet: a readable listener is not polled in a loop.
+            assert flaky.calls == 1 and not client_task.done()
+            client = await asyncio.wait_for(client_task, 5)
+            assert loop.time() - started_at >= 0.9  # served after the pause, not before
+            assert (await client.binding()).msg_class == MessageClass.SUCCESS
+            await client.close()
+        finally:
+            await server.stop()
 
     run(loop_kind, scenario)

@@ -50,6 +50,7 @@ Counters (:class:`StreamStats`, plain ints read at scrape time, reachable as
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -74,6 +75,9 @@ LISTEN_BACKLOG = 1024
 TLS_HANDSHAKE_RECORD = 0x16
 # Connections accepted per readiness callback of a TLS listener before yielding.
 _ACCEPT_BATCH = 64
+# accept() errors about one connection only, and the pause after any other.
+_ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+_ACCEPT_RETRY_S = 1.0
 # Replies to a client's own requests may exceed the media limit by this factor.
 _CONTROL_HEADROOM = 2
 # The idle sweep runs at most and at least this often (seconds).
@@ -225,18 +229,6 @@ class StreamServer:
 
     def close(self) -> None:
         """Stop the listeners and the sweep; connections stay (see close_connections)."""
-        if not self._closed and self.servers:
-            stats = self.stats
-            # The totals of the process's life, for operators without a metrics scraper.
-            log.info("stream connections: accepted tcp=%d tls=%d (plain on tls %d), closed %s; "
-                     "%d messages (%d bytes) dropped toward slow clients",
-                     stats.accepted["tcp"], stats.accepted["tls"], stats.plain_on_tls,
-                     " ".join(f"{k}={v}" for k, v in stats.closed.items()),
-                     stats.dropped_messages, stats.dropped_bytes,
-                     extra={"streams": {"accepted": dict(stats.accepted),
-                                        "closed": dict(stats.closed),
-                                        "dropped_messages": stats.dropped_messages,
-                                        "dropped_bytes": stats.dropped_bytes}})
         self._closed = True
         for server in self.servers:
             server.close()
@@ -245,8 +237,23 @@ class StreamServer:
             self._sweep_handle = None
 
     def close_connections(self) -> None:
+        """Reset every connection (server stopping) and log the totals of this process."""
         for conn in list(self.connections):
             conn.close("shutdown", abort=True)
+            # Counted now rather than when the loop reports each one lost, so the totals
+            # below are final.
+            conn._finish("shutdown")
+        stats = self.stats
+        # For operators without a metrics scraper, and for tests of a server process.
+        log.info("stream connections: accepted tcp=%d tls=%d (plain on tls %d), closed %s; "
+                 "%d messages (%d bytes) dropped toward slow clients",
+                 stats.accepted["tcp"], stats.accepted["tls"], stats.plain_on_tls,
+                 " ".join(f"{k}={v}" for k, v in stats.closed.items()),
+                 stats.dropped_messages, stats.dropped_bytes,
+                 extra={"streams": {"accepted": dict(stats.accepted),
+                                    "closed": dict(stats.closed),
+                                    "dropped_messages": stats.dropped_messages,
+                                    "dropped_bytes": stats.dropped_bytes}})
 
     def admit(self, conn: StreamConnection) -> bool:
         """Count a new connection; False (counted as refused) when at the cap."""
@@ -291,19 +298,27 @@ class TlsAcceptor:
         self.streams = streams
         self.sock = sock
         self.loop = streams.loop
+        self._closed = False
+        self._retry: asyncio.TimerHandle | None = None
         sock.listen(LISTEN_BACKLOG)
         self.loop.add_reader(sock.fileno(), self._on_readable)
-        self._closed = False
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         try:
             self.loop.remove_reader(self.sock.fileno())
         except (OSError, ValueError):
             pass
         self.sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
         streams = self.streams
@@ -313,10 +328,20 @@ class TlsAcceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: the kernel keeps the connection queued; try later
-                # rather than spin on a listener that stays readable.
-                log.warning("accept on a TLS listener failed: %s", exc)
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue  # that one client went away before we took it
+                # Out of descriptors or memory: the listener stays readable, so pause it
+                # rather than spin (asyncio's own accept loop does the same).
+                log.warning("accept on a TLS listener failed, pausing it for %.0f s: %s",
+                            _ACCEPT_RETRY_S, exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self._retry = self.loop.call_later(_ACCEPT_RETRY_S, self._resume)
                 return
+            try:
+                # Media must not wait for Nagle.
+                conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
             conn = StreamConnection(streams, "tls")
             if not streams.admit(conn):
                 conn._state = _CLOSED
