@@ -610,7 +610,9 @@ class StreamConnection(asyncio.Protocol):
                     if reply is None:
                         continue
                     if isinstance(reply, SendToPeer):
-                        reply.relay.sendto(reply.data, reply.peer)
+                        # Relay endpoints are io/relay.py's UdpRelay; the core types them
+                        # only as far as it needs.
+                        reply.relay.sendto(reply.data, reply.peer)  # type: ignore[attr-defined]
                     else:
                         self._write_reply(reply)
                 else:
@@ -618,7 +620,7 @@ class StreamConnection(asyncio.Protocol):
                     # legacy channel numbers), its padding removed.
                     out = core.handle_channel_data(frame, five_tuple, now)
                     if out is not None:
-                        out.relay.sendto(out.data, out.peer)
+                        out.relay.sendto(out.data, out.peer)  # type: ignore[attr-defined]
             except Exception:  # one bad frame never stops the connection or the loop
                 core.stats.dropped["internal_error"] += 1
                 log.exception("error handling a stream frame")
