@@ -3,6 +3,7 @@ handshake timeouts, and a client that never reads while a peer floods it."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import pytest
 from turnserver.stun import Attr
 
 from .server import RunningServer
+from .test_metrics import scrape
 from .test_stream_support import (
     STREAM_OPTIONS,
     StreamTurnClient,
@@ -191,3 +193,28 @@ def test_a_client_that_never_reads_costs_bounded_memory(server_factory: Callable
     summary = stream_summary(server)["streams"]
     assert summary["dropped_messages"] > 1000, summary
     assert summary["dropped_bytes"] >= summary["dropped_messages"] * 1200, summary
+
+
+def test_a_closed_connection_whose_client_never_reads_is_cut_off_after_the_grace_period(
+        server_factory: Callable[..., RunningServer]) -> None:
+    server = server_factory(stream_write_buffer_bytes=65536, tls_handshake_timeout_s=1.0,
+                            metrics_listen="127.0.0.1:0", **STREAM_OPTIONS)
+    stalled, flood_peer, stalled_relayed = allocated_client(server, "tcp", rcvbuf=4096)
+
+    def open_tcp() -> float | None:
+        return asyncio.run(scrape(server)).get("turn_stream_connections", transport="tcp")
+
+    try:
+        payload = b"\xcd" * 1200
+        for _ in range(20):  # 12 MB: more than the kernel's socket buffers hold
+            for _ in range(500):
+                flood_peer.sendto(payload, stalled_relayed)
+            time.sleep(0.005)
+        # The server's queue toward the client is now full; a framing error makes it close
+        # the connection, which cannot flush what is queued.
+        stalled.send_raw(b"\xff" * 8)
+        assert open_tcp() == 1
+        assert wait_until(lambda: open_tcp() == 0, 4.0), "the connection was never let go"
+    finally:
+        stalled.close()
+        flood_peer.close()

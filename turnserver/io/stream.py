@@ -349,10 +349,10 @@ class TlsAcceptor:
                 continue
             try:
                 conn.start_sniff(conn_sock)
-            except Exception:
-                log.exception("cannot start a TLS connection")
+            except OSError:  # reset before we looked at it (getpeername: ENOTCONN)
+                conn._stop_sniff()
                 conn_sock.close()
-                conn._finish("handshake")
+                conn._finish("peer_closed")
 
 
 class StreamConnection(asyncio.Protocol):
@@ -361,7 +361,7 @@ class StreamConnection(asyncio.Protocol):
     __slots__ = (
         "streams", "kind", "loop", "_state", "_sock", "_transport", "_framer", "_five_tuple",
         "_client", "_server", "_opened_at", "_last_activity", "_unallocated_since",
-        "_had_allocation", "_write_paused", "_close_reason", "_task",
+        "_had_allocation", "_write_paused", "_close_reason", "_task", "_closing_at",
     )
 
     def __init__(self, streams: StreamServer, kind: str) -> None:
@@ -385,6 +385,7 @@ class StreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._close_reason: str | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._closing_at = 0.0
 
     @property
     def five_tuple(self) -> FiveTuple | None:
@@ -500,6 +501,7 @@ class StreamConnection(asyncio.Protocol):
         self._close_reason = reason
         state = self._state
         self._state = _CLOSING
+        self._closing_at = self.loop.time()
         self._free_allocation()
         transport = self._transport
         if state == _SNIFF:
@@ -568,6 +570,13 @@ class StreamConnection(asyncio.Protocol):
             # connect_accepted_socket enforces the handshake timeout; this is a backstop.
             if now - self._opened_at >= 2 * limits.handshake_timeout_s + 1.0:
                 self.close("handshake")
+            return
+        if state == _CLOSING:
+            # A graceful close waits for the write buffer to drain (and for TLS, for the
+            # close_notify exchange): a client that never reads would hold its slot forever.
+            if now - self._closing_at >= limits.handshake_timeout_s and self._transport is not None:
+                self._transport.abort()
+                self._finish(self._close_reason or "peer_closed")
             return
         if state != _READY:
             return
