@@ -780,7 +780,7 @@ def _error_of(response: Message) -> tuple[int, str]:
     return 0, "error response without ERROR-CODE"
 
 
-_METHOD_NAMES = {
+_METHOD_NAMES: dict[int, str] = {
     Method.BINDING: "Binding",
     Method.ALLOCATE: "Allocate",
     Method.REFRESH: "Refresh",
