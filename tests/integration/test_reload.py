@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from turnserver.client import Address, ErrorResponse, TransactionTimeout, TurnClient
+from turnserver.client import Address, ErrorResponse, TransactionTimeout, TurnClient, client_tls_context
 from turnserver.config import toml_literal
 from turnserver.credentials import mint_credentials
 from turnserver.io.server import TurnServer
@@ -252,16 +252,36 @@ def test_reload_rereads_the_tls_certificate(tmp_path: Path) -> None:
         pem = ssl.DER_cert_to_PEM_cert(der)
         return pem
 
+    async def tls_client() -> TurnClient:
+        creds = mint_credentials(OLD_SECRET, "tls-user", 600)
+        return await TurnClient.connect("127.0.0.1", server.port("tls"), transport="tls",
+                                        ssl_context=client_tls_context(verify=False),
+                                        username=creds.username, password=creds.password, timeout_s=3.0)
+
     async def main() -> None:
-        udp = await client(server, OLD_SECRET)
-        await udp.allocate()
-        assert await served_subject() == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(first_cert.read_text()))
-        live_cert.write_bytes(second_cert.read_bytes())  # a renewal: same path, new content
-        live_key.write_bytes(second_key.read_bytes())
-        await reload(server, "reload applied")
-        assert await served_subject() == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(second_cert.read_text()))
-        assert await udp.refresh(900) == 900  # the allocation made before the reload is alive
-        await udp.close()
+        # A relay between two allocations made over TLS, running while the certificate changes:
+        # established TLS connections keep their session and keep relaying.
+        a, b = await tls_client(), await tls_client()
+        ra, rb = await a.allocate(), await b.allocate()
+        await a.channel_bind(rb)
+        await b.create_permission(ra)
+        pump = Pump(a, b, ra, rb)
+        task = asyncio.create_task(pump.run())
+        try:
+            assert await served_subject() == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(first_cert.read_text()))
+            await asyncio.sleep(0.2)
+            live_cert.write_bytes(second_cert.read_bytes())  # a renewal: same path, new content
+            live_key.write_bytes(second_key.read_bytes())
+            await reload(server, "reload applied")
+            assert await served_subject() == ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(second_cert.read_text()))
+            await asyncio.sleep(0.2)
+        finally:
+            pump.stopping.set()
+            await asyncio.wait_for(task, 10)
+        assert pump.failed == 0 and pump.ok >= 10
+        assert await a.refresh(900) == 900  # requests on the old connection still work
+        await a.close()
+        await b.close()
 
     try:
         if "tls" not in {lst["transport"] for lst in server.info["listeners"]}:
