@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Protocol
 
-# RFC 8656 §3 and §9, §12: fixed lifetimes.
+# RFC 8656 §3, §9 and §12: fixed lifetimes.
 PERMISSION_LIFETIME_S = 300.0
 CHANNEL_LIFETIME_S = 600.0
 # RFC 8656 §7.2 / §14.9: a reserved port is held "about 30 seconds".
@@ -137,7 +137,7 @@ def family_of(ip: str) -> int:
 
 
 def compute_lifetime(requested: int | None, default_s: int, max_s: int) -> int:
-    """RFC 8656 §7.2 / §7.3: the "desired lifetime".
+    """RFC 8656 §7.2 / §8.2: the "desired lifetime".
 
     Absent LIFETIME gives the default; otherwise min(requested, max), raised to the default
     when lower. (A requested 0 on Refresh is handled by the caller: it deletes.)

@@ -57,7 +57,7 @@ from .errors import TurnError, error
 from .stats import CoreStats
 
 REQUESTED_TRANSPORT_UDP = 17
-LEGACY_CHANNEL_MAX = 0x7FFF  # RFC 5766 §11
+LEGACY_CHANNEL_MAX = 0x7FFF  # RFC 5766 §11 (0x4000-0x7FFF)
 FAMILY_NAMES = {1: "ipv4", 2: "ipv6"}
 METHOD_NAMES = {
     Method.BINDING: "binding",
@@ -369,7 +369,7 @@ class TurnCore:
     def _allocation_for(self, auth: _Auth, five_tuple: FiveTuple, now: float) -> Allocation:
         allocation = self.allocations.get(five_tuple)
         if allocation is None or allocation.expires_at <= now:
-            # RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple -> 437.
+            # RFC 8656 §8.2, §10.2, §12.2: no allocation on this 5-tuple -> 437.
             raise error(437, label="mismatch")
         if allocation.username != auth.username:
             # RFC 8656 §5: the same credentials as the Allocate, else 441.
@@ -508,10 +508,10 @@ class TurnCore:
         allocation = self._allocation_for(auth, five_tuple, now)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         if requested_family is not None and requested_family not in allocation.families():
-            raise error(443, label="bad_request")  # RFC 8656 §7.3
+            raise error(443, label="bad_request")  # RFC 8656 §8.2
         requested = msg.get(Attr.LIFETIME)
         if requested == 0:
-            # RFC 8656 §7.3: lifetime 0 deletes the allocation at once.
+            # RFC 8656 §8.2: lifetime 0 deletes the allocation at once.
             self._end_allocation(allocation, "deleted", now)
             lifetime = 0
         else:
@@ -529,7 +529,7 @@ class TurnCore:
     def _checked_peer(self, allocation: Allocation, peer: Address, with_port: bool) -> Address:
         """Family and policy checks shared by CreatePermission and ChannelBind."""
         if family_of(peer[0]) not in allocation.families():
-            raise error(443, label="bad_request")  # RFC 8656 §9.2, §11.2
+            raise error(443, label="bad_request")  # RFC 8656 §10.2, §12.2
         decision = self.policy.check(peer[0], peer[1] if with_port else None)
         if not decision.allowed:
             self.stats.policy_refusals[decision.reason] += 1
@@ -551,7 +551,7 @@ class TurnCore:
         peers = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not peers:
             raise error(400, "Missing XOR-PEER-ADDRESS", label="bad_request")
-        # RFC 8656 §9.2: every address is checked before any permission is installed.
+        # RFC 8656 §10.2: every address is checked before any permission is installed.
         targets = [self._checked_peer(allocation, peer, with_port=False) for peer in peers]
         for target in targets:
             self._install_permission(allocation, target[0], now)
@@ -568,7 +568,7 @@ class TurnCore:
         if number is None or peer is None:
             raise error(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS", label="bad_request")
         if not CHANNEL_MIN <= number <= self.config.channel_max:
-            raise error(400, "Channel number out of range", label="bad_request")  # RFC 8656 §11.2
+            raise error(400, "Channel number out of range", label="bad_request")  # RFC 8656 §12.2
         target = self._checked_peer(allocation, peer, with_port=True)
         bound = allocation.channels.get(number)
         if bound is not None and bound.expires_at > now and bound.peer != target:
@@ -591,9 +591,9 @@ class TurnCore:
             self._routes[(allocation.five_tuple, number)] = _ChannelRoute(allocation, channel, relay)
         else:
             channel = bound
-            channel.expires_at = expires_at  # RFC 8656 §11.2: a rebind refreshes
+            channel.expires_at = expires_at  # RFC 8656 §12.2: a rebind refreshes
         self._schedule(expires_at, "channel", (allocation, channel))
-        # RFC 8656 §11.2: binding a channel installs or refreshes the permission too.
+        # RFC 8656 §12.2: binding a channel installs or refreshes the permission too.
         self._install_permission(allocation, target[0], now)
         return Message(Method.CHANNEL_BIND, MessageClass.SUCCESS, msg.transaction_id)
 
@@ -606,7 +606,7 @@ class TurnCore:
     # ------------------------------------------------------------------ data paths
 
     def _handle_send(self, msg: Message, five_tuple: FiveTuple, now: float) -> SendToPeer | None:
-        """RFC 8656 §10.2: a Send indication; anything wrong drops it silently."""
+        """RFC 8656 §11.2: a Send indication; anything wrong drops it silently."""
         allocation = self.allocations.get(five_tuple)
         if allocation is None or allocation.expires_at <= now:
             self.stats.dropped["no_allocation"] += 1
@@ -634,7 +634,7 @@ class TurnCore:
         return SendToPeer(relay, data, target)
 
     def handle_channel_data(self, data: bytes, five_tuple: FiveTuple, now: float) -> SendToPeer | None:
-        """RFC 8656 §12.4-12.5: ChannelData from a client (the hot path)."""
+        """RFC 8656 §12.4, §12.6: ChannelData from a client (the hot path)."""
         if len(data) < 4:
             self.stats.dropped["malformed"] += 1
             return None
@@ -668,7 +668,7 @@ class TurnCore:
             self.stats.dropped["no_allocation"] += 1
             return None
         if allocation.permissions.get(peer[0], 0.0) <= now:
-            # RFC 8656 §10.3: no permission -> silently discarded.
+            # RFC 8656 §11.3: no permission -> silently discarded.
             self.stats.dropped["no_permission"] += 1
             return None
         allocation.bytes_to_client += len(data)
