@@ -27,6 +27,9 @@ PORT = 443
 
 def port_free(kind: int) -> bool:
     with socket.socket(socket.AF_INET, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            # As the server binds: connections of an earlier run in TIME_WAIT do not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", PORT))
         except OSError:
