@@ -13,7 +13,6 @@ from typing import Any
 from turnserver.auth import long_term_key
 from turnserver.stun import (
     Attr,
-    FramingError,
     Message,
     MessageClass,
     Method,
@@ -242,6 +241,6 @@ def vm_rss_kib(pid: int) -> int:
 
 
 __all__ = [
-    "FramingError", "PEER_IP", "STREAM_OPTIONS", "StreamTurnClient", "TIMEOUT_S", "client_tls_context",
+    "PEER_IP", "STREAM_OPTIONS", "StreamTurnClient", "TIMEOUT_S", "client_tls_context",
     "connect", "is_closed", "stream_summary", "udp_peer", "usage_records", "vm_rss_kib",
 ]
