@@ -5,36 +5,20 @@ turnutils_uclient exits 0 even at 100 % loss."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 
-pytestmark = [
-    pytest.mark.coturn,
-    pytest.mark.skipif(shutil.which("turnutils_uclient") is None, reason="coturn's turnutils_* tools are not installed"),
-]
+from .coturn_tools import assert_clean, needs_coturn, uclient
+
+pytestmark = needs_coturn
 
 PEER_IP = "127.0.0.2"  # loopback, but not the relay address: an "external" peer
 
 
-def uclient(server, *args: str, messages: int = 20) -> dict[str, int]:
-    cmd = ["turnutils_uclient", "-n", str(messages), "-l", "120", "-W", server.secret, "-u", "coturnclient",
-           "-p", str(server.port("udp")), *args, "127.0.0.1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    out = result.stdout + result.stderr
-    totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", out)
-    lost = re.search(r"Total lost packets (\d+)", out)
-    assert totals and lost, f"no summary (exit {result.returncode}):\n{out[-2000:]}"
-    sent, received = (int(x) for x in totals[-1])
-    return {"sent": sent, "received": received, "lost": int(lost.group(1)), "exit": result.returncode}
-
-
-def assert_clean(summary: dict[str, int]) -> None:
-    assert summary["exit"] == 0, summary
-    assert summary["sent"] > 0 and summary["sent"] == summary["received"], summary
-    assert summary["lost"] == 0, summary
+def run_uclient(server, *args: str, messages: int = 20) -> dict[str, int]:
+    return uclient(server.secret, server.port("udp"), *args, messages=messages)
 
 
 def test_stunclient_binding(turn_server) -> None:
@@ -51,16 +35,16 @@ def legacy_server(server_factory):
 
 
 def test_uclient_channels_allocation_to_allocation(legacy_server) -> None:
-    assert_clean(uclient(legacy_server, "-y", "-c"))
+    assert_clean(run_uclient(legacy_server, "-y", "-c"))
 
 
 def test_uclient_send_indications_allocation_to_allocation(legacy_server) -> None:
-    assert_clean(uclient(legacy_server, "-y", "-c", "-s"))
+    assert_clean(run_uclient(legacy_server, "-y", "-c", "-s"))
 
 
 def test_uclient_with_rtcp_pairs_uses_even_port_and_reservations(legacy_server) -> None:
     # Without -c it also asks for EVEN-PORT with the reservation bit and uses RESERVATION-TOKEN.
-    assert_clean(uclient(legacy_server, "-y", messages=10))
+    assert_clean(run_uclient(legacy_server, "-y", messages=10))
 
 
 @pytest.fixture
@@ -76,4 +60,4 @@ def external_peer():
 
 @pytest.mark.parametrize("mode", [["-c"], ["-c", "-s"]], ids=["channels", "send-indications"])
 def test_uclient_through_external_peer(legacy_server, external_peer, mode) -> None:
-    assert_clean(uclient(legacy_server, "-e", PEER_IP, "-r", str(external_peer), *mode))
+    assert_clean(run_uclient(legacy_server, "-e", PEER_IP, "-r", str(external_peer), *mode))

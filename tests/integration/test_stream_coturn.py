@@ -3,21 +3,16 @@ allocation. It exits 0 even at 100 % loss, so it is judged by its summary lines.
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from .coturn_tools import assert_clean, needs_coturn, uclient
 from .server import RunningServer, start_server
 from .test_stream_support import STREAM_OPTIONS
 
-pytestmark = [
-    pytest.mark.coturn,
-    pytest.mark.skipif(shutil.which("turnutils_uclient") is None, reason="coturn's turnutils_* tools are not installed"),
-]
+pytestmark = needs_coturn
 
 
 @pytest.fixture(scope="module")
@@ -29,30 +24,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     srv.stop()
 
 
-def uclient(server: RunningServer, port: int, *args: str) -> dict[str, int]:
+def stream_uclient(server: RunningServer, port: int, *args: str) -> dict[str, int]:
     # -z 100: at its default 20 ms interval over TLS it reports a few losses even against
     # coturn itself (its own pacing, not the server).
-    cmd = ["turnutils_uclient", "-y", "-c", "-n", "20", "-l", "120", "-W", server.secret, "-u", "streamclient",
-           "-p", str(port), *args, "-z", "100", "127.0.0.1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    out = result.stdout + result.stderr
-    totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", out)
-    lost = re.search(r"Total lost packets (\d+)", out)
-    assert totals and lost, f"no summary (exit {result.returncode}):\n{out[-2000:]}"
-    sent, received = (int(x) for x in totals[-1])
-    return {"sent": sent, "received": received, "lost": int(lost.group(1)), "exit": result.returncode}
-
-
-def assert_clean(summary: dict[str, int]) -> None:
-    assert summary["exit"] == 0, summary
-    assert summary["sent"] > 0 and summary["sent"] == summary["received"], summary
-    assert summary["lost"] == 0, summary
+    return uclient(server.secret, port, "-y", "-c", *args, "-z", "100", user="streamclient")
 
 
 def test_uclient_over_tcp(server: RunningServer) -> None:
-    assert_clean(uclient(server, server.port("tcp"), "-t"))
+    assert_clean(stream_uclient(server, server.port("tcp"), "-t"))
 
 
 def test_uclient_over_tls(server: RunningServer) -> None:
-    assert_clean(uclient(server, server.port("tls"), "-t", "-S"))
+    assert_clean(stream_uclient(server, server.port("tls"), "-t", "-S"))
 
