@@ -42,17 +42,19 @@ RELAY_METRICS = [
     Metric("delivered_mbit_per_s", "delivered Mbit/s"),
     Metric("plateau_loss_pct", "loss % (plateau)", ratio=False),
     Metric("loss_pct", "loss % (whole run)", ratio=False),
-    Metric("server_cpu_us_per_msg", "server CPU us/msg"),
+    Metric("server_cpu_us_per_msg", "server CPU us/msg (lower is better)"),
     Metric("server_cpu_pct", "server CPU %", ratio=False),
     Metric("generator_cpu_pct", "generator CPU %", ratio=False),
 ]
 RATE_METRICS = [
     Metric("allocations_per_s", "allocations/s"),
+    Metric("server_cpu_us_per_allocation", "server CPU us/allocation (lower is better)"),
+    Metric("server_cpu_pct", "server CPU %", ratio=False),
     Metric("client_cpu_pct", "client CPU %", ratio=False),
     Metric("failed", "failed", ratio=False),
 ]
 MEMORY_METRICS = [
-    Metric("kib_per_allocation", "KiB per allocation"),
+    Metric("kib_per_allocation", "KiB per allocation (lower is better)"),
     Metric("rss_idle_kib", "RSS idle KiB"),
     Metric("rss_loaded_kib", "RSS loaded KiB"),
 ]
@@ -140,9 +142,10 @@ def measure_allocations(server: servers.ServerUnderTest, sizes: Sizes) -> tuple[
     """One fresh server: idle RSS, then N allocations held open: their rate and RSS growth."""
     time.sleep(SETTLE_S)
     idle = server.rss_kib()
-    cpu_before = time.process_time()
+    cpu_before, server_cpu_before = time.process_time(), server.cpu_seconds()
     held = allocations.allocate_many(server, sizes.allocations, concurrency=sizes.concurrency)
     client_cpu = time.process_time() - cpu_before
+    server_cpu = server.cpu_seconds() - server_cpu_before
     ok = held.ok
     try:
         time.sleep(SETTLE_S)
@@ -155,6 +158,9 @@ def measure_allocations(server: servers.ServerUnderTest, sizes: Sizes) -> tuple[
         "allocations_per_s": round(ok / held.elapsed_s, 1) if held.elapsed_s > 0 else None,
         # Near 100 %: the client, not the server, set the pace.
         "client_cpu_pct": round(100.0 * client_cpu / held.elapsed_s, 1) if held.elapsed_s > 0 else None,
+        "server_cpu_pct": round(100.0 * server_cpu / held.elapsed_s, 1) if held.elapsed_s > 0 else None,
+        # Two requests each (the 401, then the authenticated Allocate) and a relay port bound.
+        "server_cpu_us_per_allocation": round(1e6 * server_cpu / ok, 1) if ok and server_cpu > 0 else None,
     }
     memory: dict[str, Any] = {
         "allocations": ok, "rss_idle_kib": idle, "rss_loaded_kib": loaded,
