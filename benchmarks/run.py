@@ -248,10 +248,14 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    commit = ""
+    commit, modified = "", None
     try:
-        commit = subprocess.run(["git", "-C", str(servers.REPO_ROOT), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+        git = ["git", "-C", str(servers.REPO_ROOT)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        # The server measured is the working tree, which may differ from that commit.
+        modified = bool(subprocess.run([*git, "status", "--porcelain", "--", "turnserver"],
+                                       capture_output=True, text=True, timeout=5).stdout.strip())
     except (OSError, subprocess.TimeoutExpired):
         pass
     from turnserver import __version__
@@ -259,7 +263,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
         "python": platform.python_version(), "turnd_version": __version__,
-        "turnd_commit": commit, "coturn_version": servers.coturn_version(),
+        "turnd_commit": commit, "turnd_tree_modified": modified, "coturn_version": servers.coturn_version(),
     }
 
 
