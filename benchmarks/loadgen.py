@@ -22,7 +22,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import procfs
@@ -270,7 +270,3 @@ def summarize(run: UclientRun, load: Load, *, plateau_intervals: int) -> dict[st
 
 def _pct(part: int, whole: int) -> float:
     return round(100.0 * max(part, 0) / whole, 3) if whole else 0.0
-
-
-def as_dict(run: UclientRun) -> dict[str, Any]:
-    return asdict(run)

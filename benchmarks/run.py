@@ -187,14 +187,15 @@ def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, Scenario
     """Every selected scenario once against ``name``: relay scenarios on one server process,
     allocations on a fresh one (its memory must not carry the relay runs' history)."""
     todo = [sc for sc in relay_scenarios(plan.sizes) if sc.name in plan.selected]
-    if todo:
-        server = servers.start(name, plan.workdir / f"{name}-relay-{rep}", cpu=plan.server_cpu)
+    progress = f"[{rep + 1}/{plan.sizes.repeats}] {name}"
+    server = _start(plan, name, f"{name}-relay-{rep}", [sc.name for sc in todo], results) if todo else None
+    if server is not None:
         try:
             def one(sc: RelayScenario) -> None:
-                plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} {sc.name} ...")
+                plan.log(f"{progress} {sc.name} ...")
                 result = measure_relay(server, sc, plan.sizes, plan.generator_cpu)
                 results[sc.name].add(name, result)
-                plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} {sc.name}: "
+                plan.log(f"{progress} {sc.name}: "
                          f"{result.get('delivered_msgs_per_s')} msg/s delivered, "
                          f"loss {result.get('plateau_loss_pct')} %, "
                          f"server CPU {result.get('server_cpu_us_per_msg')} us/msg"
@@ -202,8 +203,9 @@ def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, Scenario
             _each(todo, one, plan.parallel)
         finally:
             server.stop()
-    if plan.selected & set(ALLOCATION_SCENARIOS):
-        server = servers.start(name, plan.workdir / f"{name}-alloc-{rep}", cpu=plan.server_cpu)
+    wanted = [n for n in ALLOCATION_SCENARIOS if n in results]
+    server = _start(plan, name, f"{name}-alloc-{rep}", wanted, results) if wanted else None
+    if server is not None:
         try:
             rate, memory = measure_allocations(server, plan.sizes)
         finally:
@@ -212,8 +214,20 @@ def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, Scenario
             results["allocation_rate"].add(name, rate)
         if "memory_per_allocation" in results:
             results["memory_per_allocation"].add(name, memory)
-        plan.log(f"[{rep + 1}/{plan.sizes.repeats}] {name} allocations: "
+        plan.log(f"{progress} allocations: "
                  f"{rate['allocations_per_s']} /s, {memory['kib_per_allocation']} KiB each")
+
+
+def _start(plan: Plan, name: str, subdir: str, scenarios: list[str],
+           results: dict[str, ScenarioResult]) -> servers.ServerUnderTest | None:
+    """Start a server; if it will not start, every scenario it was for records a failed run."""
+    try:
+        return servers.start(name, plan.workdir / subdir, cpu=plan.server_cpu)
+    except RuntimeError as exc:
+        plan.log(f"{name} did not start: {exc}")
+        for scenario in scenarios:
+            results[scenario].add(name, {"error": f"{name} did not start: {str(exc).splitlines()[0]}"})
+        return None
 
 
 def _each(items: list[Any], fn: Callable[[Any], None], parallel: bool) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from turnserver.config import toml_literal
 from turnserver.stun import MessageClass, Method, Message, decode_message, encode_message
@@ -132,7 +133,8 @@ class ServerUnderTest:
         return self.proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-def _wait_until(check, proc: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
+def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str,
+                log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if check():
