@@ -89,3 +89,19 @@ def test_unassigned_allowed_for_queries_refused_for_stored_strings() -> None:
 def test_empty_string() -> None:
     assert saslprep("") == ""
     assert saslprep("\u00ad") == ""
+
+
+def test_printable_ascii_fast_path_agrees_with_the_full_profile() -> None:
+    # Every printable ASCII character, alone and in a base64-looking password, must come out as
+    # the table-driven profile would give it: unchanged.
+    import stringprep
+    import unicodedata
+
+    for code in range(0x20, 0x7F):
+        ch = chr(code)
+        assert not stringprep.in_table_b1(ch) and not stringprep.in_table_c12(ch)
+        assert unicodedata.ucd_3_2_0.normalize("NFKC", ch) == ch
+        assert saslprep(ch) == ch
+    assert saslprep("ysUR/Qz5Ey0t1s1zg6XDV2ioWPI=") == "ysUR/Qz5Ey0t1s1zg6XDV2ioWPI="
+    with pytest.raises(ValueError):
+        saslprep("bad\x07bell")  # control characters still take the full path and are refused
