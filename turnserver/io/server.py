@@ -44,11 +44,12 @@ class UdpSink:
         self.sock = sock
         self.addr = addr
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
         try:
             self.sock.sendto(data, self.addr)
+            return True
         except OSError:
-            pass  # full buffer: it is media, drop it
+            return False  # full buffer: it is media, drop it (the caller counts it)
 
 
 @dataclass
@@ -379,16 +380,21 @@ class TurnServer:
                 if 0x40 <= first <= channel_first_max:
                     out = core.handle_channel_data(data, ("udp", client, local), now)
                     if out is not None:
-                        out.relay.sendto(out.data, out.peer)
+                        if not out.relay.sendto(out.data, out.peer):
+                            core.stats.dropped["send_failed"] += 1
                 elif first < 0x40:
                     handled_stun = True
                     reply = core.handle_stun(data, ("udp", client, local), now, UdpSink(sock, client))
                     if reply is None:
                         pass
                     elif isinstance(reply, SendToPeer):
-                        reply.relay.sendto(reply.data, reply.peer)
+                        if not reply.relay.sendto(reply.data, reply.peer):
+                            core.stats.dropped["send_failed"] += 1
                     else:
-                        sock.sendto(reply, addr)
+                        try:
+                            sock.sendto(reply, addr)
+                        except OSError:
+                            core.stats.dropped["send_failed"] += 1
                 else:
                     # RFC 8656 §12: only STUN (0-63) and ChannelData (64-79) are valid
                     # (64-127 with legacy_channel_numbers).
@@ -405,7 +411,8 @@ class TurnServer:
         try:
             out = core.handle_peer_data(relay, data, peer, self.loop.time())
             if out is not None:
-                out[0].send(out[1])
+                if out[0].send(out[1]) is False:  # stream sinks count their own drops
+                    core.stats.dropped["send_failed"] += 1
         except Exception:
             core.stats.dropped["internal_error"] += 1
             log.exception("error relaying a peer datagram")
