@@ -267,7 +267,7 @@ class Daemon:
                         "credentials")
             secrets, static_users = server.secrets, server.static_users
         old = server.config
-        report = await server.reload(settings.config, secrets, static_users)
+        report = server.reload(settings.config, secrets, static_users)
         new = server.config
         # Counts only: the log never holds a secret, password or key.
         log.info("reload applied in %.0f ms: %s; %d shared secret(s), %d static user(s); "

@@ -8,7 +8,6 @@ turnserver/turn and never sees a socket.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import os
@@ -74,7 +73,7 @@ class ReloadReport:
 
     applied: list[str]
     needs_restart: list[str]
-    tls_reloaded: bool | None = None  # None: no TLS listener, or no reload_tls in this build
+    tls_reloaded: bool | None = None  # None: no TLS listener
 
 
 def bind_udp(host: str, port: int) -> socket.socket:
@@ -97,7 +96,8 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
+def external_map(config: Config, relay_addresses: list[str]) -> dict[str, str]:
+    """Bound relay IP -> advertised external IP, from ``external_addresses``."""
     external: dict[str, str] = {}
     for item in config.external_addresses:
         if "=" in item:
@@ -105,6 +105,10 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
             external[bound.strip()] = ext.strip()
         elif relay_addresses:
             external[relay_addresses[0]] = item.strip()
+    return external
+
+
+def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
     alternate = None
     if config.alternate_server:
         alternate = parse_hostport(config.alternate_server, "alternate_server")
@@ -116,7 +120,7 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
         max_allocations=config.max_allocations,
         user_quota=config.user_quota,
         allow_refresh_after_expiry=config.allow_refresh_after_expiry,
-        external_addresses=external,
+        external_addresses=external_map(config, relay_addresses),
         alternate_server=alternate,
         legacy_channel_numbers=config.legacy_channel_numbers,
     )
@@ -147,8 +151,6 @@ class TurnServer:
         self.streams: StreamServer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._udp_socks: list[socket.socket] = []
-        self._stopped = asyncio.Event()
         # Metrics/health endpoint and the rate-limited trouble summary (turnserver/metrics.py).
         self.observability = Observability(self)
 
@@ -158,12 +160,12 @@ class TurnServer:
         return [(lst.address[0], lst.address[1]) for lst in self.state.listeners]
 
     def build_policy(self, config: Config) -> PeerPolicy:
-        core_cfg = core_config_from(config, self.state.relay_addresses)
+        external = external_map(config, self.state.relay_addresses)
         return PeerPolicy(
             allow=config.allowed_peers,
             deny=config.denied_peers,
             relay_addresses=self.state.relay_addresses,
-            external_addresses={ext: bound for bound, ext in core_cfg.external_addresses.items()},
+            external_addresses={ext: bound for bound, ext in external.items()},
             relay_port_range=(config.relay_port_min, config.relay_port_max),
             listening=self._listening_pairs(),
         )
@@ -186,7 +188,6 @@ class TurnServer:
             for spec in config.listen_udp:
                 host, port = parse_hostport(spec, "listen_udp")
                 sock = bind_udp(host, port)
-                self._udp_socks.append(sock)
                 bound = sock.getsockname()
                 self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
             await self._start_streams()
@@ -285,12 +286,8 @@ class TurnServer:
             self.streams.close_connections()
         # After shutdown, so its usage records and a last trouble summary are logged.
         await self.observability.stop()
-        self._stopped.set()
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
-    async def reload(self, new_config: Config, secrets: list[bytes],
+    def reload(self, new_config: Config, secrets: list[bytes],
                      static_users: dict[str, str | bytes] | None = None) -> ReloadReport:
         """Apply a re-read configuration (SIGHUP) without dropping any allocation.
 
@@ -313,21 +310,17 @@ class TurnServer:
             nonces = NonceManager(key=self._nonce_key, lifetime_s=effective.nonce_lifetime_s,
                                   wall_clock=self.wall_clock, random_bytes=self.random_bytes)
         if self.core is not None:
-            self.core.reconfigure(config=core_config, credentials=credentials, policy=policy)
-            if nonces is not None:
-                self.core.nonces = nonces
+            self.core.reconfigure(config=core_config, credentials=credentials, policy=policy,
+                                  nonces=nonces)
         self.config = effective
         self.secrets = list(secrets)
         self.static_users = users
         tls_reloaded: bool | None = None
-        reload_tls = getattr(self, "reload_tls", None)
-        if callable(reload_tls) and effective.listen_tls:
+        if effective.listen_tls:
             # Certificate files can change content under the same path (a renewal), so the
             # certificate is re-read on every reload, not only when the paths change.
             try:
-                result = reload_tls(effective)
-                if inspect.isawaitable(result):
-                    await result
+                self.reload_tls(effective)
                 tls_reloaded = True
             except Exception as exc:  # the old certificate keeps serving
                 log.error("TLS certificate not reloaded, keeping the current one: %s", exc)
@@ -376,7 +369,7 @@ class TurnServer:
                 continue
             try:
                 first = data[0]
-                client = (addr[0], addr[1])
+                client = addr if len(addr) == 2 else (addr[0], addr[1])  # IPv6: drop flow/scope
                 if 0x40 <= first <= channel_first_max:
                     out = core.handle_channel_data(data, ("udp", client, local), now)
                     if out is not None:

@@ -159,6 +159,7 @@ class TurnCore:
         config: CoreConfig | None = None,
         credentials: CredentialStore | None = None,
         policy: PeerPolicy | None = None,
+        nonces: NonceManager | None = None,
     ) -> None:
         """Swap configuration on reload; allocations, permissions and channels stay."""
         if config is not None:
@@ -168,6 +169,8 @@ class TurnCore:
             self.credentials = credentials
         if policy is not None:
             self.policy = policy
+        if nonces is not None:
+            self.nonces = nonces
 
     # ------------------------------------------------------------------ timers
 
