@@ -47,6 +47,7 @@ __all__ = [
     "load_config",
     "load_secrets",
     "overrides_from_click",
+    "format_hostport",
     "parse_hostport",
     "reload_plan",
     "render_markdown",
@@ -613,6 +614,11 @@ def parse_hostport(s: str, option: str) -> tuple[str, int]:
     if port > 65535:
         raise bad("the port must be at most 65535")
     return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """The inverse of ``parse_hostport``: "1.2.3.4:3478", "[::1]:3478"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from turnserver.config import OPTIONS, OPTIONS_BY_NAME, SECTIONS, toml_literal
+from turnserver.config import OPTIONS, OPTIONS_BY_NAME, SECTIONS, format_hostport, toml_literal
 
 __all__ = ["DEFAULT_SECRETS_PATH", "DEFAULT_USERS_PATH", "convert", "parse_coturn"]
 
@@ -134,8 +134,6 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _peer_cidrs(text: str) -> list[str] | None:
@@ -178,7 +176,7 @@ def _coturn_alternate(text: str) -> str | None:
         port = int(port_text)
     else:
         port = _COTURN_PORT
-    return _hostport(str(address), port)
+    return format_hostport(str(address), port)
 
 
 # -- handlers: one per coturn option, each recording values or notes ---------------------------
@@ -543,12 +541,12 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
     values = dict(state.values)
     # Listeners: coturn listens on every address unless listening-ip narrows it.
     hosts = state.listening_ips or ["0.0.0.0", "::"]
-    values["listen_udp"] = [] if state.no_udp else [_hostport(h, state.listening_port)
+    values["listen_udp"] = [] if state.no_udp else [format_hostport(h, state.listening_port)
                                                      for h in hosts]
-    values["listen_tcp"] = [] if state.no_tcp else [_hostport(h, state.listening_port)
+    values["listen_tcp"] = [] if state.no_tcp else [format_hostport(h, state.listening_port)
                                                      for h in hosts]
     tls_on = not state.no_tls and state.cert is not None
-    values["listen_tls"] = [_hostport(h, state.tls_port) for h in hosts] if tls_on else []
+    values["listen_tls"] = [format_hostport(h, state.tls_port) for h in hosts] if tls_on else []
     if not state.no_tls and state.cert is None:
         state.notes.append("tls: no cert option, so listen_tls is left empty (coturn serves TLS "
                            "only with a certificate; turnd would otherwise make a self-signed "

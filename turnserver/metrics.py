@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .config import parse_hostport
+from .config import format_hostport, parse_hostport
 
 log = logging.getLogger("turnd")
 
@@ -584,8 +584,7 @@ class Observability:
             endpoint = MetricsEndpoint(self.registry, self.health)
             address = await endpoint.start(host, port)
             self.endpoint = endpoint
-            shown = f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
-            log.info("metrics on http://%s/metrics, health on /health", shown)
+            log.info("metrics on http://%s/metrics, health on /health", format_hostport(*address))
         self._trouble = TroubleReporter(lambda: getattr(getattr(self.server, "core", None), "stats", None))
         self._trouble_task = asyncio.get_running_loop().create_task(self._trouble_loop())
         self.serving = True

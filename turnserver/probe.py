@@ -37,7 +37,7 @@ from .client import (
     client_tls_context,
     method_name,
 )
-from .config import SECRETS_ENV, Config, ConfigError, load_secrets
+from .config import SECRETS_ENV, Config, ConfigError, format_hostport, load_secrets
 from .credentials import mint_credentials
 
 __all__ = ["ProbeResult", "explain_failure", "probe_transport", "run_probe", "probe"]
@@ -69,8 +69,7 @@ class ProbeResult:
 def _fmt(address: Address | None) -> str | None:
     if address is None:
         return None
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(*address)
 
 
 def explain_failure(exc: BaseException, step: str) -> str:

@@ -13,7 +13,8 @@ import random
 import socket
 from typing import Callable
 
-from ..turn.allocation import Address
+from ..config import format_hostport
+from ..turn.allocation import Address, family_of
 
 _RECV_SIZE = 65536
 # Datagrams handled per readiness callback before yielding to other sockets.
@@ -40,7 +41,7 @@ class UdpRelay:
             return False
 
     def __repr__(self) -> str:
-        return f"UdpRelay({self.address[0]}:{self.address[1]})"
+        return f"UdpRelay({format_hostport(*self.address)})"
 
 
 class RelayPortPool:

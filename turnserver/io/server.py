@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..auth import CredentialStore, NonceManager
-from ..config import Config, load_secrets, parse_hostport, reload_plan
+from ..config import Config, format_hostport, load_secrets, parse_hostport, reload_plan
 from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
@@ -211,7 +211,7 @@ class TurnServer:
         for lst in self.state.listeners:
             if lst.transport == "udp" and lst.sock is not None:
                 loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address)
-            log.info("listening %s %s", lst.transport, _fmt(lst.address))
+            log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
         log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
                  config.relay_port_min, config.relay_port_max)
         try:
@@ -423,9 +423,9 @@ def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, A
     """The audit record of one allocation. Never holds a password, key or secret."""
     return {
         "user": allocation.username,
-        "client": _fmt(allocation.client_address),
+        "client": format_hostport(*allocation.client_address),
         "transport": allocation.transport,
-        "relayed": [_fmt(r.address) for r in allocation.relays],
+        "relayed": [format_hostport(*r.address) for r in allocation.relays],
         "peers": len(allocation.peers_seen),
         "bytes_to_peer": allocation.bytes_to_peer,
         "packets_to_peer": allocation.packets_to_peer,
@@ -436,9 +436,6 @@ def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, A
     }
 
 
-def _fmt(address: Address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_ready_file(path: str, info: dict[str, Any]) -> None:
