@@ -270,10 +270,10 @@ MALFORMED: list[tuple[int, bytes]] = [
     (Attr.USERNAME, b"\xff\xfe"),  # not UTF-8
     (Attr.USERNAME, b"a" * 513),  # RFC 8489 §14.3 size limit
     (Attr.REALM, b"\xc3"),  # truncated UTF-8 sequence
-    (Attr.REALM, b"r" * 763),
+    (Attr.REALM, b"r" * 764),  # RFC 8489 §14.9: "as long as 763 bytes when decoding"
     (Attr.NONCE, b"\xed\xa0\x80"),  # a UTF-16 surrogate is not UTF-8
-    (Attr.NONCE, b"n" * 763),
-    (Attr.SOFTWARE, b"s" * 763),
+    (Attr.NONCE, b"n" * 764),
+    (Attr.SOFTWARE, b"s" * 764),
     (Attr.SOFTWARE, b"\x80abc"),
     (Attr.ALTERNATE_DOMAIN, b"\xc0\xaf"),  # overlong encoding
     (Attr.MESSAGE_INTEGRITY, bytes(19)),
@@ -288,7 +288,7 @@ MALFORMED: list[tuple[int, bytes]] = [
     (Attr.ERROR_CODE, bytes.fromhex("0000 0763")),  # 799
     (Attr.ERROR_CODE, bytes.fromhex("0000 0464")),  # number 100
     (Attr.ERROR_CODE, bytes.fromhex("0000 0426 ff")),  # reason not UTF-8
-    (Attr.ERROR_CODE, bytes.fromhex("0000 0426") + b"r" * 763),
+    (Attr.ERROR_CODE, bytes.fromhex("0000 0426") + b"r" * 764),
     (Attr.UNKNOWN_ATTRIBUTES, b"\x00\x01\x00"),
     (Attr.CHANNEL_NUMBER, b"\x40\x00"),
     (Attr.LIFETIME, b"\x00\x00\x00\x00\x00"),
@@ -329,16 +329,41 @@ def test_malformed_attribute_raises_with_header_fields(attr_type: int, value: by
 
 
 def test_text_at_the_size_limits_is_accepted() -> None:
+    # RFC 8489 §14.8-§14.14: up to 763 bytes when decoding (USERNAME: RFC 5389's 512).
     data = raw_message(
         tlv(Attr.USERNAME, b"u" * 512),
-        tlv(Attr.REALM, b"r" * 762),
-        tlv(Attr.NONCE, "é".encode() * 381),
-        tlv(Attr.SOFTWARE, b"s" * 762),
+        tlv(Attr.REALM, b"r" * 763),
+        tlv(Attr.NONCE, "é".encode() * 381 + b"n"),
+        tlv(Attr.SOFTWARE, b"s" * 763),
+        tlv(Attr.ERROR_CODE, bytes.fromhex("0000 0426") + b"e" * 763),
     )
     msg = decode_message(data)
     assert msg.get(Attr.USERNAME) == "u" * 512
-    assert msg.get(Attr.NONCE) == "é" * 381
-    assert len(msg.get(Attr.SOFTWARE)) == 762  # type: ignore[arg-type]
+    assert msg.get(Attr.NONCE) == "é" * 381 + "n"
+    assert len(msg.get(Attr.REALM)) == 763  # type: ignore[arg-type]
+    assert len(msg.get(Attr.SOFTWARE)) == 763  # type: ignore[arg-type]
+    assert msg.get(Attr.ERROR_CODE) == (438, "e" * 763)
+
+
+@pytest.mark.parametrize(
+    ("attr_type", "fits", "too_long"),
+    [
+        # RFC 8489 §14.3: USERNAME "fewer than 509 bytes".
+        (Attr.USERNAME, "u" * 508, "u" * 509),
+        # §14.9, §14.10, §14.14: "as long as 509 bytes when encoding them".
+        (Attr.REALM, "r" * 509, "r" * 510),
+        (Attr.NONCE, "n" * 509, "n" * 510),
+        (Attr.SOFTWARE, "é" * 254 + "s", "é" * 255),
+        (Attr.ERROR_CODE, (400, "x" * 509), (400, "x" * 510)),
+        (Attr.ADDRESS_ERROR_CODE, (2, 440, "x" * 509), (2, 440, "x" * 510)),
+    ],
+    ids=lambda x: repr(x)[:20],
+)
+def test_encoder_holds_to_the_sender_limits(attr_type: int, fits: object, too_long: object) -> None:
+    data = encode_message(Message(Method.ALLOCATE, MessageClass.REQUEST, TID, [(attr_type, fits)]))
+    assert decode_message(data).get(attr_type) == fits
+    with pytest.raises(ValueError):
+        encode_message(Message(Method.ALLOCATE, MessageClass.REQUEST, TID, [(attr_type, too_long)]))
 
 
 def test_truncated_message_integrity_sha256_sizes_are_accepted() -> None:
@@ -367,7 +392,7 @@ def test_password_algorithm_params_without_inner_padding_are_accepted() -> None:
         (Attr.MAPPED_ADDRESS, ("192.0.2.1", "80"), ValueError),
         (Attr.USERNAME, "u" * 513, ValueError),
         (Attr.USERNAME, b"bytes", TypeError),
-        (Attr.REALM, "r" * 763, ValueError),
+        (Attr.REALM, "r" * 510, ValueError),
         (Attr.ERROR_CODE, (200, "OK"), ValueError),
         (Attr.ERROR_CODE, (700, "x"), ValueError),
         (Attr.ERROR_CODE, (400, b"x"), TypeError),

@@ -60,3 +60,17 @@ def test_encode_rejects_channels_outside_the_range(channel: int) -> None:
 def test_encode_rejects_oversized_payload() -> None:
     with pytest.raises(ValueError):
         encode_channel_data(0x4000, bytes(65536))
+
+
+def test_max_channel_widens_the_range_for_rfc5766_clients() -> None:
+    frame = encode_channel_data(0x7FFE, b"abcde", pad=True, max_channel=0x7FFF)
+    assert frame == b"\x7f\xfe\x00\x05abcde\x00\x00\x00"
+    assert decode_channel_data(frame, max_channel=0x7FFF) == (0x7FFE, b"abcde")
+    # Still bounded: 0x8000 and above are RTP/RTCP (RFC 7983), never a channel.
+    with pytest.raises(ValueError):
+        encode_channel_data(0x8000, b"x", max_channel=0x7FFF)
+    with pytest.raises(StunDecodeError):
+        decode_channel_data(b"\x80\x00\x00\x00", max_channel=0x7FFF)
+    # Without it the RFC 8656 range holds.
+    with pytest.raises(StunDecodeError):
+        decode_channel_data(frame)

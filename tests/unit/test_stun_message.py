@@ -454,6 +454,3 @@ def test_codec_imports_nothing_of_ours_and_no_io() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
-
-
-# --- the per-packet path --------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .constants import (
     ADDRESS_FAMILY_IPV6,
     MAGIC_COOKIE,
     MAGIC_COOKIE_BYTES,
+    ZERO_PAD,
     Attr,
 )
 
@@ -38,18 +39,22 @@ class InvalidAttribute(Exception):
     """An attribute value breaks its format; internal, surfaced as MalformedMessageError."""
 
 
-# RFC 8489 §14.3, §14.9, §14.10, §14.14: size limits as seen by a decoder. USERNAME keeps the
-# RFC 5389 bound (< 513 bytes) so that older clients are not refused; RFC 8489 lowered the
-# sender's bound to < 509, which our encoder still satisfies for anything it is given.
+# RFC 8489 §14.3: USERNAME is "fewer than 509 bytes". The decoder keeps the RFC 5389 bound
+# (fewer than 513) so that older clients are not refused; the encoder holds to RFC 8489.
 MAX_USERNAME_BYTES = 512
-MAX_TEXT_BYTES = 762  # REALM, NONCE, SOFTWARE, reason phrases: "as long as 763 bytes" minus one
+MAX_USERNAME_BYTES_OUT = 508
+# RFC 8489 §14.8, §14.9, §14.10, §14.14: REALM, NONCE, SOFTWARE and reason phrases are fewer
+# than 128 characters, "which can be as long as 509 bytes when encoding them and as long as
+# 763 bytes when decoding them".
+MAX_TEXT_BYTES = 763
+MAX_TEXT_BYTES_OUT = 509
 
-_TEXT_LIMITS: dict[int, int] = {
-    Attr.USERNAME: MAX_USERNAME_BYTES,
-    Attr.REALM: MAX_TEXT_BYTES,
-    Attr.NONCE: MAX_TEXT_BYTES,
-    Attr.SOFTWARE: MAX_TEXT_BYTES,
-    Attr.ALTERNATE_DOMAIN: 0xFFFF,
+_TEXT_LIMITS: dict[int, tuple[int, int]] = {  # type -> (decoder limit, encoder limit)
+    Attr.USERNAME: (MAX_USERNAME_BYTES, MAX_USERNAME_BYTES_OUT),
+    Attr.REALM: (MAX_TEXT_BYTES, MAX_TEXT_BYTES_OUT),
+    Attr.NONCE: (MAX_TEXT_BYTES, MAX_TEXT_BYTES_OUT),
+    Attr.SOFTWARE: (MAX_TEXT_BYTES, MAX_TEXT_BYTES_OUT),
+    Attr.ALTERNATE_DOMAIN: (0xFFFF, 0xFFFF),
 }
 
 _U8_3X = struct.Struct("!B3x")
@@ -68,7 +73,6 @@ _ICMP = struct.Struct("!2xBBI")
 _ICMP_OUT = struct.Struct("!HBBI")
 
 _XOR_PORT = MAGIC_COOKIE >> 16
-_ZERO_PAD = (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00")
 
 
 def _bad(reason: str) -> InvalidAttribute:
@@ -190,21 +194,28 @@ def _text_encoder(limit: int) -> Encoder:
 # --- opaque bytes -----------------------------------------------------------------------------
 
 
-def _bytes_decoder(sizes: frozenset[int] | None) -> Decoder:
+def encode_bytes(value: object, tid: bytes) -> bytes:
+    """DATA and attribute types without a codec carry raw bytes both ways."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"attribute needs bytes, got {type(value).__name__}")
+
+
+def _sized_bytes_decoder(sizes: frozenset[int]) -> Decoder:
     def decode(data: bytes, off: int, length: int, tid: bytes) -> bytes:
-        if sizes is not None and length not in sizes:
+        if length not in sizes:
             raise _bad(f"attribute has wrong length {length}")
         return data[off : off + length]
 
     return decode
 
 
-def _bytes_encoder(sizes: frozenset[int] | None) -> Encoder:
+def _sized_bytes_encoder(sizes: frozenset[int]) -> Encoder:
     def encode(value: object, tid: bytes) -> bytes:
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError(f"attribute needs bytes, got {type(value).__name__}")
-        raw = bytes(value)
-        if sizes is not None and len(raw) not in sizes:
+        raw = encode_bytes(value, tid)
+        if len(raw) not in sizes:
             raise ValueError(f"attribute has wrong length {len(raw)}")
         return raw
 
@@ -214,14 +225,6 @@ def _bytes_encoder(sizes: frozenset[int] | None) -> Encoder:
 def _decode_data(data: bytes, off: int, length: int, tid: bytes) -> bytes:
     # The hot path (every Send indication): no checks to make, DATA may be any length.
     return data[off : off + length]
-
-
-def _encode_data(value: object, tid: bytes) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"DATA needs bytes, got {type(value).__name__}")
 
 
 # --- integers ---------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def _encode_reason(reason: object) -> bytes:
     if type(reason) is not str:
         raise TypeError("reason phrase must be str")
     raw = reason.encode("utf-8")
-    if len(raw) > MAX_TEXT_BYTES:
+    if len(raw) > MAX_TEXT_BYTES_OUT:
         raise ValueError("reason phrase too long")
     return raw
 
@@ -362,7 +365,7 @@ def _encode_unknown_attributes(value: object, tid: bytes) -> bytes:
     return struct.pack(f"!{len(types)}H", *types)
 
 
-# --- RFC 8489 §14.11 PASSWORD-ALGORITHM, §14.12 PASSWORD-ALGORITHMS ---------------------------
+# --- RFC 8489 §14.11 PASSWORD-ALGORITHMS, §14.12 PASSWORD-ALGORITHM ---------------------------
 
 
 def _read_algorithm(data: bytes, off: int, end: int) -> tuple[tuple[int, bytes], int]:
@@ -385,8 +388,8 @@ def _write_algorithm(entry: object) -> bytes:
     params = bytes(params)
     if len(params) > 0xFFFF:
         raise ValueError("password algorithm parameters too long")
-    # §14.12: "padded to a 32-bit boundary, in the same manner as an attribute".
-    return _U16_U16.pack(algorithm, len(params)) + params + _ZERO_PAD[-len(params) & 3]
+    # §14.11, §14.12: "padded to a 32-bit boundary, in the same manner as an attribute".
+    return _U16_U16.pack(algorithm, len(params)) + params + ZERO_PAD[-len(params) & 3]
 
 
 def _decode_password_algorithm(
@@ -483,11 +486,11 @@ XOR_ADDRESS_TYPES = frozenset(
 DECODERS: dict[int, Decoder] = {
     **{int(t): _decode_address for t in ADDRESS_TYPES},
     **{int(t): _decode_xor_address for t in XOR_ADDRESS_TYPES},
-    **{int(t): _text_decoder(limit) for t, limit in _TEXT_LIMITS.items()},
-    Attr.MESSAGE_INTEGRITY: _bytes_decoder(frozenset({20})),
-    Attr.MESSAGE_INTEGRITY_SHA256: _bytes_decoder(frozenset({16, 20, 24, 28, 32})),
-    Attr.USERHASH: _bytes_decoder(frozenset({32})),
-    Attr.RESERVATION_TOKEN: _bytes_decoder(frozenset({8})),
+    **{int(t): _text_decoder(limits[0]) for t, limits in _TEXT_LIMITS.items()},
+    Attr.MESSAGE_INTEGRITY: _sized_bytes_decoder(frozenset({20})),
+    Attr.MESSAGE_INTEGRITY_SHA256: _sized_bytes_decoder(frozenset({16, 20, 24, 28, 32})),
+    Attr.USERHASH: _sized_bytes_decoder(frozenset({32})),
+    Attr.RESERVATION_TOKEN: _sized_bytes_decoder(frozenset({8})),
     Attr.DATA: _decode_data,
     Attr.ERROR_CODE: _decode_error_code,
     Attr.UNKNOWN_ATTRIBUTES: _decode_unknown_attributes,
@@ -495,7 +498,7 @@ DECODERS: dict[int, Decoder] = {
     Attr.LIFETIME: _U32_DEC,
     Attr.PRIORITY: _U32_DEC,
     Attr.CONNECTION_ID: _U32_DEC,
-    Attr.FINGERPRINT: _U32_DEC,
+    # FINGERPRINT has no decoder: decode_message checks it against the CRC itself.
     Attr.ICE_CONTROLLED: _U64_DEC,
     Attr.ICE_CONTROLLING: _U64_DEC,
     Attr.REQUESTED_ADDRESS_FAMILY: _decode_byte_3x,
@@ -513,12 +516,12 @@ DECODERS: dict[int, Decoder] = {
 ENCODERS: dict[int, Encoder] = {
     **{int(t): _encode_address for t in ADDRESS_TYPES},
     **{int(t): _encode_xor_address for t in XOR_ADDRESS_TYPES},
-    **{int(t): _text_encoder(limit) for t, limit in _TEXT_LIMITS.items()},
-    Attr.MESSAGE_INTEGRITY: _bytes_encoder(frozenset({20})),
-    Attr.MESSAGE_INTEGRITY_SHA256: _bytes_encoder(frozenset({16, 20, 24, 28, 32})),
-    Attr.USERHASH: _bytes_encoder(frozenset({32})),
-    Attr.RESERVATION_TOKEN: _bytes_encoder(frozenset({8})),
-    Attr.DATA: _encode_data,
+    **{int(t): _text_encoder(limits[1]) for t, limits in _TEXT_LIMITS.items()},
+    Attr.MESSAGE_INTEGRITY: _sized_bytes_encoder(frozenset({20})),
+    Attr.MESSAGE_INTEGRITY_SHA256: _sized_bytes_encoder(frozenset({16, 20, 24, 28, 32})),
+    Attr.USERHASH: _sized_bytes_encoder(frozenset({32})),
+    Attr.RESERVATION_TOKEN: _sized_bytes_encoder(frozenset({8})),
+    Attr.DATA: encode_bytes,
     Attr.ERROR_CODE: _encode_error_code,
     Attr.UNKNOWN_ATTRIBUTES: _encode_unknown_attributes,
     Attr.CHANNEL_NUMBER: _encode_channel_number,
@@ -539,15 +542,6 @@ ENCODERS: dict[int, Encoder] = {
     Attr.ADDRESS_ERROR_CODE: _encode_address_error_code,
     Attr.ICMP: _encode_icmp,
 }
-
-
-def encode_unknown(value: object, tid: bytes) -> bytes:
-    """Attribute types without a codec carry raw bytes both ways."""
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"unknown attribute type needs bytes, got {type(value).__name__}")
 
 
 # Reserved bits that a decoder drops: when set, the decoded value alone cannot reproduce the
@@ -582,5 +576,3 @@ RESERVED_CHECKS: dict[int, ReservedCheck] = {
     Attr.PASSWORD_ALGORITHM: _params_not_canonical,  # one entry is a list of one
     Attr.PASSWORD_ALGORITHMS: _params_not_canonical,
 }
-
-ZERO_PAD = _ZERO_PAD

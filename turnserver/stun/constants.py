@@ -18,6 +18,10 @@ FINGERPRINT_XOR = 0x5354554E
 HEADER_SIZE = 20
 TRANSACTION_ID_SIZE = 12
 
+# ZERO_PAD[k] is k zero bytes: attribute values (RFC 8489 §14) and stream ChannelData (RFC 8656
+# §12.5) are padded to a multiple of 4, so a value of length n takes ZERO_PAD[-n & 3].
+ZERO_PAD = (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00")
+
 # RFC 8489 §14.1: address family byte of (XOR-)MAPPED-ADDRESS and friends.
 ADDRESS_FAMILY_IPV4 = 0x01
 ADDRESS_FAMILY_IPV6 = 0x02

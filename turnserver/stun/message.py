@@ -19,9 +19,8 @@ from .attributes import (
     DECODERS,
     ENCODERS,
     RESERVED_CHECKS,
-    ZERO_PAD,
     InvalidAttribute,
-    encode_unknown,
+    encode_bytes,
 )
 from .constants import (
     FINGERPRINT_XOR,
@@ -29,6 +28,7 @@ from .constants import (
     MAGIC_COOKIE,
     MAGIC_COOKIE_BYTES,
     TRANSACTION_ID_SIZE,
+    ZERO_PAD,
     Attr,
     MessageClass,
     Method,
@@ -152,7 +152,8 @@ class Message:
     def unknown_comprehension_required(self) -> list[int]:
         """Types below 0x8000 that this codec does not know, each once, in wire order.
 
-        RFC 8489 §6.3.1.1: a request carrying any of these gets a 420 listing them.
+        RFC 8489 §6.3.1: a request carrying any of these gets a 420 listing them; §6.3.2: an
+        indication carrying any of them is discarded.
         """
         seen: list[int] = []
         for t, _ in self.attributes:
@@ -358,7 +359,7 @@ def encode_message(
                 continue
         attr_type, value = item
         try:
-            raw = encoders.get(attr_type, encode_unknown)(value, tid)
+            raw = encoders.get(attr_type, encode_bytes)(value, tid)
         except struct.error as exc:
             raise ValueError(f"bad value for attribute 0x{attr_type:04x}: {exc}") from None
         attr_len = len(raw)
