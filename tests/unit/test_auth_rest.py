@@ -48,6 +48,7 @@ def test_rest_username() -> None:
         ("+5:alice", None),
         (" 5:alice", None),
         ("\u0661\u0662:alice", None),  # Arabic-Indic digits are not a timestamp
+        ("9" * 12 + ":alice", 999_999_999_999),  # "practically never": up to twelve digits
         ("9" * 13 + ":alice", None),  # absurdly long
     ],
 )

@@ -20,7 +20,6 @@ ALGORITHM_SHA256 = 0x0002
 SUPPORTED_ALGORITHMS = (ALGORITHM_MD5, ALGORITHM_SHA256)
 
 MD5_KEY_LENGTH = 16
-SHA256_KEY_LENGTH = 32
 
 
 def long_term_key(username: str, realm: str, password: str, algorithm: int = ALGORITHM_MD5) -> bytes:

@@ -15,9 +15,10 @@ import re
 
 __all__ = ["rest_expiry", "rest_password", "rest_username"]
 
-# Ten digits cover Unix time until the year 2286; the cap keeps int() cheap on
-# hostile input and rejects nonsense early.  ASCII digits only: str.isdigit()
-# would accept other scripts' digits, which int() also parses.
+# Ten digits cover Unix time until the year 2286; up to twelve are accepted so
+# that a backend may mint "practically never" expiries.  The cap keeps int()
+# cheap on hostile input and rejects nonsense early.  ASCII digits only:
+# str.isdigit() would accept other scripts' digits, which int() also parses.
 _EXPIRY = re.compile(r"[0-9]{1,12}")
 
 

@@ -45,6 +45,11 @@ def saslprep(s: str, *, allow_unassigned: bool = True) -> str:
         # C.1.2 character, NFKC leaves it alone, nothing prohibited, no RandALCat. This path
         # skips a per-character table walk on every authenticated request.
         return s
+    return _saslprep_tables(s, allow_unassigned)
+
+
+def _saslprep_tables(s: str, allow_unassigned: bool) -> str:
+    """The profile itself, table by table; :func:`saslprep` without its ASCII shortcut."""
     # RFC 4013 §2.1: non-ASCII spaces map to SPACE, "commonly mapped to nothing"
     # (B.1: soft hyphen, zero-width joiners, variation selectors...) disappears.
     mapped = "".join(

@@ -10,10 +10,12 @@ from turnserver.auth.keys import (
     ALGORITHM_MD5,
     ALGORITHM_SHA256,
     MD5_KEY_LENGTH,
+    SUPPORTED_ALGORITHMS,
     long_term_key,
     userhash,
 )
 from turnserver.auth.rest import rest_expiry, rest_password
+from turnserver.auth.saslprep import saslprep
 
 __all__ = ["CredentialStore"]
 
@@ -52,10 +54,6 @@ class CredentialStore:
             self._static[user] = _static_keys(user, realm, credential)
             self._by_userhash[userhash(user, realm)] = user
 
-    @property
-    def has_secrets(self) -> bool:
-        return bool(self._secrets)
-
     def is_rest_username(self, username: str) -> bool:
         """True when ``username`` is verified as a REST credential (leading expiry, not a static user)."""
         return username not in self._static and rest_expiry(username) is not None
@@ -73,7 +71,7 @@ class CredentialStore:
         if static is not None:
             key = static.get(algorithm)
             return [key] if key is not None else []
-        if algorithm not in (ALGORITHM_MD5, ALGORITHM_SHA256):
+        if algorithm not in SUPPORTED_ALGORITHMS:
             return []
         if rest_expiry(username) is None:
             return []
@@ -145,7 +143,7 @@ class CredentialStore:
                 users[user] = bytes.fromhex(m.group(1))
                 continue
             try:
-                long_term_key(user, "", credential)
+                saslprep(credential)
             except ValueError:
                 raise ValueError(
                     f"{where}: password for user {user!r} is not valid under SASLprep (RFC 4013)"
