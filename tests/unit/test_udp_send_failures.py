@@ -1,11 +1,18 @@
-"""A datagram the kernel will not take is dropped and counted, never raised."""
+"""Datagrams the kernel will not take are dropped and counted, never raised; a relay bind
+that fails leaves nothing half-bound behind."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import socket
 
-from turnserver.io.relay import UdpRelay
-from turnserver.io.server import UdpSink
+from turnserver.io.relay import RelayPortPool, UdpRelay, send_to_peer
+from turnserver.io.server import TurnServer, UdpSink
+from turnserver.turn.core import SendToPeer
+from turnserver.turn.stats import CoreStats
+
+from .turn_harness import make_core
 
 
 def closed_socket() -> socket.socket:
@@ -28,29 +35,58 @@ def test_udp_sink_reports_a_failed_send() -> None:
         sender.close()
 
 
-def test_relay_reports_a_failed_send() -> None:
-    relay = UdpRelay(closed_socket(), ("127.0.0.1", 50000))
-    assert relay.sendto(b"x", ("127.0.0.1", 9)) is False
+def test_send_to_peer_counts_only_failures() -> None:
+    # Every client->peer path (UDP ChannelData, Send indications, TCP/TLS frames) uses it.
+    stats = CoreStats()
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        send_to_peer(SendToPeer(UdpRelay(sender, ("127.0.0.1", 0)), b"ok", receiver.getsockname()), stats)
+        assert stats.dropped["send_failed"] == 0
+        send_to_peer(SendToPeer(UdpRelay(closed_socket(), ("127.0.0.1", 0)), b"x", receiver.getsockname()), stats)
+        assert stats.dropped["send_failed"] == 1
+    finally:
+        receiver.close()
+        sender.close()
 
 
-def test_failed_sends_are_counted_as_send_failed(tmp_path) -> None:
-    from turnserver.io.server import TurnServer
-
-    from .turn_harness import make_core
-
+def test_a_client_sink_that_cannot_send_is_counted() -> None:
     harness = make_core()
 
     class FailingSink:
         def send(self, data: bytes) -> bool:
             return False
 
-    class Loop:
-        def time(self) -> float:
-            return 1.0
-
     server = TurnServer.__new__(TurnServer)
     server.core = harness.core
-    server.loop = Loop()  # type: ignore[assignment]
     harness.core.handle_peer_data = lambda relay, data, peer, now: (FailingSink(), data)  # type: ignore[method-assign]
-    server._on_peer_datagram(None, b"media", ("203.0.113.5", 1))  # type: ignore[arg-type]
+    server._on_peer_datagram(None, b"media", ("203.0.113.5", 1), 1.0)  # type: ignore[arg-type]
     assert harness.core.stats.dropped["send_failed"] == 1
+
+
+def test_a_failing_reservation_bind_releases_the_first_port() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        pool = RelayPortPool(loop, ["127.0.0.1"], (50200, 50299), lambda *a: None)
+        real_bind = pool._bind
+        calls = []
+
+        def bind(ip: str, port: int, df: bool):
+            calls.append(port)
+            if len(calls) == 2:  # the reserved port+1: out of descriptors
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_bind(ip, port, df)
+
+        pool._bind = bind  # type: ignore[method-assign]
+        assert pool.allocate(1, even_port=True, reserve_next=True) is None
+        assert pool.open_count == 0 and pool._in_use["127.0.0.1"] == set()
+        assert pool.bind_failures == 1
+        pool._bind = real_bind  # type: ignore[method-assign]
+        relay, reserved = pool.allocate(1, even_port=True, reserve_next=True)
+        assert reserved is not None and reserved.address[1] == relay.address[1] + 1
+        pool.release(relay)
+        pool.release(reserved)
+        assert pool.open_count == 0
+
+    asyncio.run(run())

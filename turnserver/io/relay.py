@@ -15,6 +15,8 @@ from typing import Callable
 
 from ..config import format_hostport
 from ..turn.allocation import Address, family_of
+from ..turn.core import SendToPeer
+from ..turn.stats import CoreStats
 
 _RECV_SIZE = 65536
 # Datagrams handled per readiness callback before yielding to other sockets.
@@ -25,12 +27,11 @@ _BIND_ATTEMPTS = 128
 class UdpRelay:
     """One bound relay socket. Hashable by identity: the core keys allocations by it."""
 
-    __slots__ = ("sock", "address", "family", "__weakref__")
+    __slots__ = ("sock", "address", "__weakref__")
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
         self.sock = sock
         self.address = address
-        self.family = 2 if sock.family == socket.AF_INET6 else 1
 
     def sendto(self, data: bytes, peer: Address) -> bool:
         try:
@@ -44,6 +45,12 @@ class UdpRelay:
         return f"UdpRelay({format_hostport(*self.address)})"
 
 
+def send_to_peer(out: SendToPeer, stats: CoreStats) -> None:
+    """Carry out the core's ``SendToPeer``; a datagram the kernel will not take is counted."""
+    if not out.relay.sendto(out.data, out.peer):  # type: ignore[attr-defined]
+        stats.dropped["send_failed"] += 1
+
+
 class RelayPortPool:
     """Implements the core's ``RelayPorts``: binds relay sockets inside the port range."""
 
@@ -52,7 +59,7 @@ class RelayPortPool:
         loop: asyncio.AbstractEventLoop,
         relay_addresses: list[str],
         port_range: tuple[int, int],
-        on_datagram: Callable[[UdpRelay, bytes, Address], None],
+        on_datagram: Callable[[UdpRelay, bytes, Address, float], None],
         *,
         rng: random.Random | None = None,
     ) -> None:
@@ -62,7 +69,7 @@ class RelayPortPool:
         self.rng = rng or random.SystemRandom()
         self._addresses: dict[int, list[str]] = {1: [], 2: []}
         for ip in relay_addresses:
-            self._addresses[2 if ":" in ip else 1].append(ip)
+            self._addresses[family_of(ip)].append(ip)
         self._in_use: dict[str, set[int]] = {ip: set() for ip in relay_addresses}
         self.open_count = 0
         self.bind_failures = 0
@@ -96,15 +103,23 @@ class RelayPortPool:
                     continue
             if port in used or (reserve_next and port + 1 in used):
                 continue
-            relay = self._bind(ip, port, dont_fragment)
-            if relay is None:
-                continue
-            reserved = None
-            if reserve_next:
-                reserved = self._bind(ip, port + 1, dont_fragment)
-                if reserved is None:
-                    self.release(relay)
+            try:
+                relay = self._bind(ip, port, dont_fragment)
+                if relay is None:
                     continue
+                reserved = None
+                if reserve_next:
+                    try:
+                        reserved = self._bind(ip, port + 1, dont_fragment)
+                    finally:
+                        if reserved is None:
+                            self.release(relay)
+                    if reserved is None:
+                        continue
+            except OSError:
+                # Out of descriptors or buffers, an address gone: no relay now (508), and
+                # nothing half-bound is left behind.
+                break
             return relay, reserved
         self.bind_failures += 1
         return None
@@ -148,6 +163,7 @@ class RelayPortPool:
     def _readable(self, relay: UdpRelay) -> None:
         recvfrom = relay.sock.recvfrom
         on_datagram = self.on_datagram
+        now = self.loop.time()
         for _ in range(_DRAIN_BATCH):
             try:
                 data, addr = recvfrom(_RECV_SIZE)
@@ -156,7 +172,7 @@ class RelayPortPool:
             except OSError:
                 # ICMP errors (port unreachable) surface here on Linux; nothing to do.
                 continue
-            on_datagram(relay, data, (addr[0], addr[1]))
+            on_datagram(relay, data, addr if len(addr) == 2 else (addr[0], addr[1]), now)
 
 
 def detect_relay_addresses() -> list[str]:

@@ -218,7 +218,11 @@ class Daemon:
     # ------------------------------------------------------------------ reload
 
     def request_reload(self) -> None:
-        """SIGHUP. Reloads never overlap: one arriving mid-reload runs again right after."""
+        """SIGHUP. Reloads never overlap: one arriving mid-reload runs again right after.
+        Ignored while draining: systemd was told STOPPING=1 and must not hear READY=1 again."""
+        if self.draining:
+            log.warning("SIGHUP while draining: not reloading")
+            return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True
             return

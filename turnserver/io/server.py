@@ -22,7 +22,7 @@ from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
-from .relay import RelayPortPool, UdpRelay, detect_relay_addresses
+from .relay import RelayPortPool, UdpRelay, detect_relay_addresses, send_to_peer
 from .stream import StreamServer
 from .tls import TlsCertificates, certificate_names
 
@@ -55,8 +55,7 @@ class UdpSink:
 class Listener:
     transport: str  # "udp", "tcp" or "tls"
     address: Address  # the bound address (real port when 0 was asked)
-    sock: socket.socket | None = None
-    server: Any = None  # asyncio.Server for streams
+    sock: socket.socket | None = None  # UDP only; StreamServer owns the TCP/TLS listeners
 
 
 @dataclass
@@ -184,18 +183,9 @@ class TurnServer:
             loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
             self._on_peer_datagram,
         )
-        try:
-            for spec in config.listen_udp:
-                host, port = parse_hostport(spec, "listen_udp")
-                sock = bind_udp(host, port)
-                bound = sock.getsockname()
-                self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
-            await self._start_streams()
-        except BaseException:
-            self._close_listeners()
-            raise
         # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out valid.
         self._nonce_key = self.random_bytes(32)
+        # The core exists before any listener serves, so no early client finds it missing.
         self.core = TurnCore(
             config=core_config_from(config, self.state.relay_addresses),
             credentials=self.build_credentials(config),
@@ -208,16 +198,24 @@ class TurnServer:
             random_bytes=self.random_bytes,
             on_allocation_end=self._on_allocation_end,
         )
-        for lst in self.state.listeners:
-            if lst.transport == "udp" and lst.sock is not None:
-                loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address)
-            log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
-        log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
-                 config.relay_port_min, config.relay_port_max)
         try:
+            for spec in config.listen_udp:
+                host, port = parse_hostport(spec, "listen_udp")
+                sock = bind_udp(host, port)
+                bound = sock.getsockname()
+                self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
+            await self._start_streams()
+            # The policy keeps peers off every listening port: rebuilt once all are bound.
+            self.core.reconfigure(policy=self.build_policy(config))
+            for lst in self.state.listeners:
+                if lst.transport == "udp" and lst.sock is not None:
+                    loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address)
+                log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
+            log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
+                     config.relay_port_min, config.relay_port_max)
             await self.observability.start()
         except BaseException:
-            self._close_listeners()
+            self._close_all()
             raise
 
     async def _start_streams(self) -> None:
@@ -238,8 +236,8 @@ class TurnServer:
         for kind, specs in (("tcp", config.listen_tcp), ("tls", config.listen_tls)):
             for spec in specs:
                 host, port = parse_hostport(spec, f"listen_{kind}")
-                server, bound = await streams.listen(kind, host, port)
-                self.state.listeners.append(Listener(kind, bound, server=server))
+                _, bound = await streams.listen(kind, host, port)
+                self.state.listeners.append(Listener(kind, bound))
 
     def reload_tls(self, config: Config) -> None:
         """Re-read the TLS certificate and key (SIGHUP): new handshakes use them, established
@@ -262,8 +260,6 @@ class TurnServer:
                     except (ValueError, OSError):
                         pass
                 lst.sock.close()
-            if lst.server is not None:
-                lst.server.close()
 
     def ready_info(self) -> dict[str, Any]:
         return {
@@ -275,7 +271,8 @@ class TurnServer:
             "relay_addresses": self.state.relay_addresses,
         }
 
-    async def stop(self) -> None:
+    def _close_all(self) -> None:
+        """Listeners, then allocations (their usage records), then stream connections."""
         if self._timer is not None:
             self._timer.cancel()
         self._close_listeners()
@@ -284,6 +281,9 @@ class TurnServer:
         if self.streams is not None:
             self.streams.close()
             self.streams.close_connections()
+
+    async def stop(self) -> None:
+        self._close_all()
         # After shutdown, so its usage records and a last trouble summary are logged.
         await self.observability.stop()
 
@@ -373,16 +373,14 @@ class TurnServer:
                 if 0x40 <= first <= channel_first_max:
                     out = core.handle_channel_data(data, ("udp", client, local), now)
                     if out is not None:
-                        if not out.relay.sendto(out.data, out.peer):
-                            core.stats.dropped["send_failed"] += 1
+                        send_to_peer(out, core.stats)
                 elif first < 0x40:
                     handled_stun = True
                     reply = core.handle_stun(data, ("udp", client, local), now, UdpSink(sock, client))
                     if reply is None:
                         pass
                     elif isinstance(reply, SendToPeer):
-                        if not reply.relay.sendto(reply.data, reply.peer):
-                            core.stats.dropped["send_failed"] += 1
+                        send_to_peer(reply, core.stats)
                     else:
                         try:
                             sock.sendto(reply, addr)
@@ -398,11 +396,11 @@ class TurnServer:
         if handled_stun:
             self._arm_timer()
 
-    def _on_peer_datagram(self, relay: UdpRelay, data: bytes, peer: Address) -> None:
+    def _on_peer_datagram(self, relay: UdpRelay, data: bytes, peer: Address, now: float) -> None:
         core = self.core
-        assert core is not None and self.loop is not None
+        assert core is not None
         try:
-            out = core.handle_peer_data(relay, data, peer, self.loop.time())
+            out = core.handle_peer_data(relay, data, peer, now)
             if out is not None:
                 if out[0].send(out[1]) is False:  # stream sinks count their own drops
                     core.stats.dropped["send_failed"] += 1

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 
 from ..stun import FramingError, StreamFramer
 from ..turn.allocation import Address, FiveTuple
-from ..turn.core import SendToPeer
+from ..turn.core import LEGACY_CHANNEL_MAX, SendToPeer
+from .relay import send_to_peer
 from .tls import TlsCertificates
 
 if TYPE_CHECKING:
@@ -371,10 +372,9 @@ class StreamConnection(asyncio.Protocol):
         self._state = _NEW
         self._sock: socket.socket | None = None  # ours only while sniffing
         self._transport: asyncio.Transport | None = None
-        core = streams.get_core()
-        # Legacy (RFC 5766) channel numbers reach the framer only when the operator allows them.
-        self._framer = StreamFramer(
-            max_channel=core.config.channel_max if core is not None else 0x4FFF)
+        # The framer only delimits frames, so it takes RFC 5766's whole channel range; whether a
+        # channel number is valid (legacy_channel_numbers, reloadable) is the core's to say.
+        self._framer = StreamFramer(max_channel=LEGACY_CHANNEL_MAX)
         self._five_tuple: FiveTuple | None = None
         self._client: Address = ("", 0)
         self._server: Address = ("", 0)
@@ -619,17 +619,15 @@ class StreamConnection(asyncio.Protocol):
                     if reply is None:
                         continue
                     if isinstance(reply, SendToPeer):
-                        # Relay endpoints are io/relay.py's UdpRelay; the core types them
-                        # only as far as it needs.
-                        reply.relay.sendto(reply.data, reply.peer)  # type: ignore[attr-defined]
+                        send_to_peer(reply, core.stats)
                     else:
                         self._write_reply(reply)
                 else:
-                    # The framer returns only ChannelData here (0x40-0x4F, or up to 0x7F with
-                    # legacy channel numbers), its padding removed.
+                    # The framer returns only ChannelData here, its padding removed; the core
+                    # drops it unless the channel is bound.
                     out = core.handle_channel_data(frame, five_tuple, now)
                     if out is not None:
-                        out.relay.sendto(out.data, out.peer)  # type: ignore[attr-defined]
+                        send_to_peer(out, core.stats)
             except Exception:  # one bad frame never stops the connection or the loop
                 core.stats.dropped["internal_error"] += 1
                 log.exception("error handling a stream frame")
