@@ -1,7 +1,7 @@
 """A small asyncio TURN client (the client side of RFC 8656 over RFC 8489), on our own codec.
 
 It exists so the project can check a server from the outside the way a client would
-(``turnd probe``) and drive load for benchmarks, without depending on another TURN stack.
+(``turnd probe``) and so tests can drive one, without depending on another TURN stack.
 It speaks UDP, TCP and TLS to the server and always asks for a UDP relay (REQUESTED-TRANSPORT
 17): that is what WebRTC clients do.
 
@@ -29,8 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl as _ssl
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .auth.keys import ALGORITHM_MD5, ALGORITHM_SHA256, long_term_key
@@ -49,7 +48,9 @@ from .stun import (
     verify_message_integrity,
     verify_message_integrity_sha256,
 )
+from .stun.channel_data import CHANNEL_MAX, CHANNEL_MIN
 from .stun.errors import FramingError
+from .turn.core import REQUESTED_TRANSPORT_UDP
 
 __all__ = [
     "ALPN_STUN_TURN",
@@ -70,11 +71,8 @@ DEFAULT_TIMEOUT_S = 5.0
 # RFC 8489 §6.2.1: initial RTO of 500 ms, doubled each retransmission, Rc = 7 transmissions.
 INITIAL_RTO_S = 0.5
 MAX_TRANSMISSIONS = 7
-REQUESTED_TRANSPORT_UDP = 17  # RFC 8656 §18.8: the protocol number of UDP
 # RFC 7443: the ALPN protocol id a TURN client offers over TLS.
 ALPN_STUN_TURN = "stun.turn"
-CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF
 # Received data waiting for receive(); beyond this it is dropped and counted, like a socket buffer.
 DEFAULT_QUEUE_SIZE = 4096
 # Two 438s in a row for one request means the server's clock and nonces disagree with us; a
@@ -119,7 +117,7 @@ class ErrorResponse(TurnClientError):
 
 @dataclass
 class ClientStats:
-    """Plain counters, read by benchmarks and tests."""
+    """Plain counters, read by tests."""
 
     requests_sent: int = 0  # transmissions, retransmissions included
     retransmissions: int = 0
@@ -127,16 +125,14 @@ class ClientStats:
     data_received: int = 0
     data_dropped: int = 0  # queue full, unknown channel, undecodable
     data_sent: int = 0
-    rtts_s: list[float] = field(default_factory=list)  # one per transaction that got an answer
 
 
 class _Pending:
-    __slots__ = ("future", "key", "first_sent_at", "transmissions")
+    __slots__ = ("future", "key", "transmissions")
 
     def __init__(self, future: asyncio.Future[Message], key: bytes | None) -> None:
         self.future = future
         self.key = key
-        self.first_sent_at = 0.0
         self.transmissions = 0
 
 
@@ -447,7 +443,6 @@ class TurnClient:
                 self.stats.responses_discarded += 1
                 return
         del self._pending[msg.transaction_id]
-        self.stats.rtts_s.append(time.monotonic() - pending.first_sent_at)
         pending.future.set_result(msg)
 
     def _on_channel_data(self, data: bytes) -> None:
@@ -520,7 +515,6 @@ class TurnClient:
         self._pending[msg.transaction_id] = pending
         deadline = loop.time() + self.timeout_s
         rto = self.initial_rto_s
-        pending.first_sent_at = time.monotonic()
         try:
             while True:
                 self._send_raw(data)
@@ -541,7 +535,7 @@ class TurnClient:
                         return pending.future.result()
                 if loop.time() >= deadline or self._link.reliable or pending.transmissions >= MAX_TRANSMISSIONS:
                     raise TransactionTimeout(
-                        f"no answer to {_method_name(msg.method)} within {self.timeout_s:g} s"
+                        f"no answer to {method_name(msg.method)} within {self.timeout_s:g} s"
                     )
                 rto *= 2
         finally:
@@ -584,7 +578,7 @@ class TurnClient:
         if not isinstance(realm, str) or not isinstance(nonce, str):
             code, reason = _error_of(response)
             raise ErrorResponse(response.method, code, f"{reason} (challenge without REALM/NONCE)", response)
-        if realm != self.realm or self._key is None:
+        if realm != self.realm:
             self._key = None
         self.realm = realm
         self._nonce = nonce
@@ -736,12 +730,6 @@ class TurnClient:
         except asyncio.TimeoutError:
             raise TransactionTimeout(f"no relayed data within {wait:g} s") from None
 
-    def receive_nowait(self) -> tuple[Address, bytes] | None:
-        try:
-            return self._received.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
     # ------------------------------------------------------------------ closing
 
     async def close(self, *, deallocate: bool = True, timeout_s: float = 1.0) -> None:
@@ -789,10 +777,6 @@ _METHOD_NAMES: dict[int, str] = {
 }
 
 
-def _method_name(method: int) -> str:
-    return _METHOD_NAMES.get(method, f"method 0x{method:03x}")
-
-
 def method_name(method: int) -> str:
     """The RFC's name for a STUN/TURN method, for messages."""
-    return _method_name(method)
+    return _METHOD_NAMES.get(method, f"method 0x{method:03x}")

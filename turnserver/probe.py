@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from .client import (
+    TRANSPORTS,
     Address,
     ErrorResponse,
     TransactionTimeout,
@@ -42,7 +43,6 @@ from .credentials import mint_credentials
 
 __all__ = ["ProbeResult", "explain_failure", "probe_transport", "run_probe", "probe"]
 
-TRANSPORTS = ("udp", "tcp", "tls")
 DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
 # Long enough to outlast the probe and modest clock skew; the credentials are thrown away.
 CREDENTIAL_TTL_S = 600
