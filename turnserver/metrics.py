@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import platform
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
@@ -40,7 +39,7 @@ DEFAULT_TROUBLE_INTERVAL_S = 10.0
 TRANSPORTS = ("udp", "tcp", "tls")
 FAMILIES = ("ipv4", "ipv6", "dual")
 DIRECTIONS = ("client_to_peer", "peer_to_client")
-REFUSAL_REASONS = ("auth", "quota", "capacity", "policy", "draining", "bad_request", "mismatch")
+REFUSAL_REASONS = ("auth", "quota", "capacity", "draining", "bad_request", "mismatch")
 END_REASONS = ("expired", "deleted", "connection_closed", "shutdown")
 AUTH_FAILURE_REASONS = (
     "unknown_user", "bad_integrity", "stale_nonce", "bad_nonce", "expired_username", "bad_request",
@@ -62,16 +61,15 @@ class TurnCollector(Collector):
     """Reads the server's plain counters at scrape time.
 
     ``server`` is the running :class:`~turnserver.io.server.TurnServer`; only these attributes
-    are read, each tolerated absent: ``core``, ``relays``, ``config``,
-    ``state.listeners``, ``streams`` (open TCP/TLS connections) and ``tls_not_after`` or
-    ``tls.not_after`` (the served certificate's expiry as a UNIX time, when the TLS code knows
-    it; else ``config.tls_cert_file`` is read).
+    are read, each tolerated absent (a server that has not started): ``core``, ``relays``,
+    ``state.listeners``, ``streams`` (io/stream.py's StreamServer, ``None`` without TCP/TLS
+    listeners) and ``tls_not_after`` (the served certificate's expiry as a UNIX time, ``None``
+    without TLS listeners).
     """
 
     def __init__(self, server: Any, *, python_version: str | None = None) -> None:
         self.server = server
         self.python_version = python_version or platform.python_version()
-        self._cert_cache: tuple[tuple[str, int, int], float | None] | None = None
 
     def describe(self) -> list[Metric]:
         # Nothing to declare up front: the registry must not call collect() at register time,
@@ -224,122 +222,41 @@ class TurnCollector(Collector):
 
     def _streams(self) -> Iterator[Metric]:
         streams = getattr(self.server, "streams", None)
-        counts = stream_counts(streams)
-        if counts is None:
+        if streams is None:
             return
+        # The stream layer's own plain counters (io/stream.py StreamStats).
+        stats = streams.stats
         family = GaugeMetricFamily("turn_stream_connections", "Open TCP and TLS client connections.",
                                    labels=["transport"])
-        for transport in ("tcp", "tls"):
-            family.add_metric([transport], counts.get(transport, 0))
+        for transport, count in _with_zeros(stats.open, ("tcp", "tls")):
+            family.add_metric([transport], count)
         yield family
-        # The stream layer's own plain counters (io/stream.py StreamStats), when it has them.
-        stats = getattr(streams, "stats", None)
-        accepted = getattr(stats, "accepted", None)
-        if isinstance(accepted, Mapping):
-            yield _counter("turn_stream_connections_accepted_total", "TCP and TLS connections accepted, "
-                           "by the kind of listener.", "transport",
-                           _with_zeros(accepted, ("tcp", "tls")))
-        closed = getattr(stats, "closed", None)
-        if isinstance(closed, Mapping):
-            yield _counter("turn_stream_connections_closed_total", "TCP and TLS connections closed, by "
-                           "reason.", "reason", sorted(closed.items()))
-        for attr, name, doc in (
-            ("plain_on_tls", "turn_stream_plain_on_tls_total",
-             "Plain TCP clients accepted on a TLS listener (first-byte detection)."),
-            ("dropped_messages", "turn_stream_write_dropped_messages_total",
-             "Messages toward slow TCP/TLS clients dropped because their write buffer was full."),
-            ("dropped_bytes", "turn_stream_write_dropped_bytes_total",
-             "Bytes of the messages counted in turn_stream_write_dropped_messages_total."),
-        ):
-            value = getattr(stats, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                yield CounterMetricFamily(name, doc, value=value)
-        tls = getattr(streams, "tls", None)
-        ok, failed = getattr(tls, "reloads_ok", None), getattr(tls, "reloads_failed", None)
-        if isinstance(ok, int) and isinstance(failed, int):
+        yield _counter("turn_stream_connections_accepted_total", "TCP and TLS connections accepted, "
+                       "by the kind of listener.", "transport", _with_zeros(stats.accepted, ("tcp", "tls")))
+        yield _counter("turn_stream_connections_closed_total", "TCP and TLS connections closed, by "
+                       "reason.", "reason", sorted(stats.closed.items()))
+        yield CounterMetricFamily("turn_stream_plain_on_tls_total", "Plain TCP clients accepted on a "
+                                  "TLS listener (first-byte detection).", value=stats.plain_on_tls)
+        yield CounterMetricFamily("turn_stream_write_dropped_messages_total", "Messages toward slow "
+                                  "TCP/TLS clients dropped because their write buffer was full.",
+                                  value=stats.dropped_messages)
+        yield CounterMetricFamily("turn_stream_write_dropped_bytes_total", "Bytes of the messages "
+                                  "counted in turn_stream_write_dropped_messages_total.",
+                                  value=stats.dropped_bytes)
+        tls = streams.tls
+        if tls is not None:
             yield _counter("turn_tls_reloads_total", "Reloads (SIGHUP) of the TLS certificate and key, "
-                           "by result.", "result", [("failed", failed), ("ok", ok)])
+                           "by result.", "result", [("failed", tls.reloads_failed), ("ok", tls.reloads_ok)])
 
     def _certificate(self) -> Iterator[Metric]:
-        not_after = _tls_not_after(self.server)
-        if not_after is None:
-            not_after = self._not_after_from_file()
+        # TurnServer.tls_not_after: io/tls.py TlsCertificates knows the served certificate,
+        # the in-memory self-signed one and a reloaded one included.
+        not_after = getattr(self.server, "tls_not_after", None)
         if not_after is None:
             return
         yield GaugeMetricFamily("turn_tls_certificate_not_after_timestamp_seconds",
                                 "Expiry (notAfter) of the TLS listeners' certificate, UNIX time.",
                                 value=float(not_after))
-
-    def _not_after_from_file(self) -> float | None:
-        config = getattr(self.server, "config", None)
-        path = getattr(config, "tls_cert_file", None)
-        if not path or not getattr(config, "listen_tls", None):
-            return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        # Parsed again only when the file changes: a renewal shows up without a restart.
-        key = (path, st.st_mtime_ns, st.st_size)
-        if self._cert_cache is not None and self._cert_cache[0] == key:
-            return self._cert_cache[1]
-        value = certificate_not_after(path)
-        self._cert_cache = (key, value)
-        return value
-
-
-def _tls_not_after(server: Any) -> float | None:
-    """The served certificate's expiry as the TLS layer knows it (io/tls.py TlsCertificates),
-    which also covers the in-memory self-signed certificate."""
-    direct = getattr(server, "tls_not_after", None)
-    if isinstance(direct, (int, float)) and not isinstance(direct, bool):
-        return float(direct)
-    for name in ("tls", "tls_certificates", "certificates"):
-        value = getattr(getattr(server, name, None), "not_after", None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def certificate_not_after(path: str) -> float | None:
-    """notAfter of the first certificate in a PEM file, as a UNIX time; None if unreadable."""
-    try:
-        from cryptography import x509
-
-        with open(path, "rb") as handle:
-            data = handle.read()
-        chain = x509.load_pem_x509_certificates(data)
-    except Exception:  # a scrape must never fail over a bad file; check_config reports it
-        return None
-    if not chain:
-        return None
-    return chain[0].not_valid_after_utc.timestamp()
-
-
-def stream_counts(streams: Any) -> dict[str, int] | None:
-    """Open stream connections by transport, from whatever the stream layer exposes.
-
-    Accepts a mapping of transport to a count or to a collection of connections, or an object
-    with an ``open_counts()`` method returning such a mapping. ``None`` when unknown.
-    """
-    if streams is None:
-        return None
-    if not isinstance(streams, Mapping):
-        method = getattr(streams, "open_counts", None)
-        if not callable(method):
-            return None
-        streams = method()
-        if not isinstance(streams, Mapping):
-            return None
-    counts: dict[str, int] = {}
-    for transport, value in streams.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            counts[str(transport)] = value
-        elif isinstance(value, Sized):
-            counts[str(transport)] = len(value)
-    return counts
 
 
 def _with_zeros(values: Mapping[Any, int], known: Any) -> list[tuple[Any, int]]:

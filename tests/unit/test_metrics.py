@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,12 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from turnserver import __version__
-from turnserver.metrics import (
-    TurnCollector,
-    build_registry,
-    certificate_not_after,
-    stream_counts,
-)
+from turnserver.metrics import TurnCollector, build_registry
 from turnserver.stun import encode_channel_data
 
 from .turn_harness import CLIENT, PEER, Client, code, make_core, rest_user
@@ -49,7 +42,6 @@ def fake_server(core: Any = None, **extra: Any) -> SimpleNamespace:
     listeners = [SimpleNamespace(transport="udp"), SimpleNamespace(transport="udp"),
                  SimpleNamespace(transport="tls")]
     server = SimpleNamespace(core=core, relays=FakePool(), loop=FakeLoop(),
-                             config=SimpleNamespace(tls_cert_file=None, listen_tls=()),
                              state=SimpleNamespace(listeners=listeners))
     for key, value in extra.items():
         setattr(server, key, value)
@@ -207,36 +199,25 @@ def test_the_collector_tolerates_a_server_that_has_not_started() -> None:
     assert "turn_allocations" not in text
 
 
-def test_stream_connections_from_the_stream_layer_in_several_shapes() -> None:
-    assert stream_counts(None) is None
-    assert stream_counts(object()) is None
-    assert stream_counts({"tcp": 3, "tls": {1, 2}}) == {"tcp": 3, "tls": 2}
-
-    class Streams:
-        def open_counts(self) -> dict[str, int]:
-            return {"tls": 4}
-
-    assert stream_counts(Streams()) == {"tls": 4}
-    registry = build_registry(fake_server(None, streams=Streams()), process=False)
-    assert value(registry, "turn_stream_connections", transport="tls") == 4
-    assert value(registry, "turn_stream_connections", transport="tcp") == 0
-    absent = build_registry(fake_server(None), process=False)
+def test_no_stream_families_without_a_stream_layer() -> None:
+    absent = build_registry(fake_server(None, streams=None), process=False)
     assert value(absent, "turn_stream_connections", transport="tcp") is None
+    assert value(absent, "turn_stream_connections_accepted_total", transport="tcp") is None
 
 
 def full_streams() -> SimpleNamespace:
-    """Shaped like io/stream.py's StreamServer: open_counts(), stats, tls."""
+    """Shaped like io/stream.py's StreamServer: stats (a StreamStats) and tls."""
     stats = SimpleNamespace(open={"tcp": 2, "tls": 1}, accepted={"tcp": 9, "tls": 4},
                             closed={"idle": 3, "handshake": 2, "framing": 0, "capacity": 1,
                                     "peer_closed": 4, "shutdown": 0},
                             plain_on_tls=1, dropped_messages=12, dropped_bytes=3400)
-    return SimpleNamespace(stats=stats, open_counts=lambda: dict(stats.open),
-                           tls=SimpleNamespace(reloads_ok=2, reloads_failed=1, not_after=2e9))
+    return SimpleNamespace(stats=stats, tls=SimpleNamespace(reloads_ok=2, reloads_failed=1))
 
 
 def test_stream_layer_counters_are_exported() -> None:
     registry = build_registry(fake_server(None, streams=full_streams()), process=False)
     assert value(registry, "turn_stream_connections", transport="tcp") == 2
+    assert value(registry, "turn_stream_connections", transport="tls") == 1
     assert value(registry, "turn_stream_connections_accepted_total", transport="tls") == 4
     assert value(registry, "turn_stream_connections_closed_total", reason="handshake") == 2
     assert value(registry, "turn_stream_connections_closed_total", reason="peer_closed") == 4
@@ -247,42 +228,21 @@ def test_stream_layer_counters_are_exported() -> None:
     assert value(registry, "turn_tls_reloads_total", result="failed") == 1
 
 
-def _write_cert(path: Path, not_after: datetime.datetime) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "turn.test")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(not_after - datetime.timedelta(days=30)).not_valid_after(not_after)
-            .sign(key, hashes.SHA256()))
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+def test_stream_layer_without_tls_has_no_reload_counter() -> None:
+    streams = full_streams()
+    streams.tls = None
+    registry = build_registry(fake_server(None, streams=streams), process=False)
+    assert value(registry, "turn_stream_connections", transport="tcp") == 2
+    assert value(registry, "turn_tls_reloads_total", result="ok") is None
 
 
-def test_certificate_expiry_from_the_file_follows_a_renewal(tmp_path: Path) -> None:
-    cert = tmp_path / "fullchain.pem"
-    first = datetime.datetime(2031, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)
-    _write_cert(cert, first)
-    assert certificate_not_after(str(cert)) == first.timestamp()
-    server = fake_server(None)
-    server.config = SimpleNamespace(tls_cert_file=str(cert), listen_tls=("0.0.0.0:5349",))
-    registry = build_registry(server, process=False)
-    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == first.timestamp()
-    renewed = datetime.datetime(2031, 8, 1, 12, 0, tzinfo=datetime.timezone.utc)
-    _write_cert(cert, renewed)
-    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == renewed.timestamp()
-    cert.write_text("not a certificate")
-    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") is None
-
-
-def test_certificate_expiry_from_the_tls_layer_wins_over_the_file() -> None:
-    server = fake_server(None, tls=SimpleNamespace(not_after=1_900_000_000.0))
+def test_certificate_expiry_is_the_servers_tls_not_after() -> None:
+    server = fake_server(None, tls_not_after=1_900_000_000.0)
     registry = build_registry(server, process=False)
     assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == 1_900_000_000.0
-    no_tls = build_registry(fake_server(None), process=False)
+    server.tls_not_after = 1_950_000_000.0  # a SIGHUP reload loaded a renewed certificate
+    assert value(registry, "turn_tls_certificate_not_after_timestamp_seconds") == 1_950_000_000.0
+    no_tls = build_registry(fake_server(None, tls_not_after=None), process=False)
     assert value(no_tls, "turn_tls_certificate_not_after_timestamp_seconds") is None
 
 
@@ -299,7 +259,7 @@ def test_process_metrics_are_on_the_own_registry_not_the_global_one() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_promtool_accepts_the_exposition_with_traffic() -> None:
     h = make_core()
-    server = fake_server(h.core, streams=full_streams(), tls=SimpleNamespace(not_after=1_900_000_000.0))
+    server = fake_server(h.core, streams=full_streams(), tls_not_after=1_900_000_000.0)
     registry = build_registry(server)
     alice = Client(h)
     alice.allocate()

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
@@ -29,7 +28,7 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
 def exported() -> dict[str, str]:
     """Family name as written in the docs (counters with _total) -> type, everything present."""
     h = make_core()
-    server = fake_server(h.core, streams=full_streams(), tls=SimpleNamespace(not_after=2e9))
+    server = fake_server(h.core, streams=full_streams(), tls_not_after=2e9)
     server.relays = FakePool()
     text = generate_latest(build_registry(server)).decode()
     names = {}
