@@ -20,6 +20,7 @@ from turnserver.auth import long_term_key
 from turnserver.credentials import mint_credentials
 from turnserver.stun import Attr, Message, MessageClass, Method, decode_message, encode_message
 from turnserver.stun.errors import StunDecodeError
+from turnserver.turn.core import REQUESTED_TRANSPORT_UDP
 
 from .servers import HOST, ServerUnderTest
 
@@ -27,7 +28,6 @@ RETRANSMIT_S = 0.5
 MAX_ATTEMPTS = 4
 # The first 401, then at most a couple of 438 Stale Nonce.
 MAX_CHALLENGES = 3
-REQUESTED_TRANSPORT_UDP = 17
 LIFETIME_S = 600
 
 

@@ -41,8 +41,3 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S
     except (IndexError, ValueError):
         return 0.0
-
-
-def cpu_resolution_s() -> float:
-    """Granularity of cpu_seconds(): one clock tick."""
-    return 1.0 / _CLOCK_TICKS_PER_S

@@ -113,13 +113,6 @@ class ServerUnderTest:
     def cpu_seconds(self) -> float:
         return procfs.cpu_seconds(self.pid)
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def stop(self) -> int:
         """Stop the process this module started, by its PID; SIGKILL if it lingers."""
         if self.alive():
