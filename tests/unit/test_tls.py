@@ -130,7 +130,38 @@ def test_without_files_a_self_signed_certificate_is_made_and_a_warning_logged(
     assert certs.info.self_signed
     assert certs.not_after > datetime.datetime.now(datetime.timezone.utc).timestamp() + 300 * 86400
     assert any("self-signed" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert certs.context.get_ca_certs() == []  # a server context; nothing loaded as a CA
+    # The context serves that certificate, for the names asked.
+    served = served_certificate(certs.context)
+    assert served.not_valid_after_utc.timestamp() == certs.not_after
+    assert served.subject.rfc4514_string() == certs.info.subject and certs.info.source == "self-signed"
+    san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+
+
+def served_certificate(server_context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a TLS handshake with ``server_context`` presents (in memory, no socket)."""
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    pipes = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
+    client = client_context.wrap_bio(pipes[0][0], pipes[0][1])
+    server = server_context.wrap_bio(pipes[1][0], pipes[1][1], server_side=True)
+    for _ in range(10):
+        done = 0
+        for end in (client, server):
+            try:
+                end.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        pipes[1][0].write(pipes[0][1].read())  # client -> server
+        pipes[0][0].write(pipes[1][1].read())  # server -> client
+        if done == 2:
+            break
+    der = client.getpeercert(binary_form=True)
+    assert der is not None, "no handshake"
+    return x509.load_der_x509_certificate(der)
 
 
 def test_only_one_of_cert_and_key_is_an_error(tmp_path: Path) -> None:
