@@ -46,8 +46,9 @@ class PeerDecision:
     allowed: bool
     # Low-cardinality label, fit for a metrics label: "ok" when allowed.
     reason: str
-    # Where to actually send (after 1:1 NAT mapping); None when refused or no port was given.
-    target: tuple[str, int] | None
+    # The IP to relay to, in canonical text form: an external address is replaced by the
+    # relay address it maps to (1:1 NAT). Given with or without a port; None when refused.
+    ip: str | None
 
 
 # (version, address as int) identifies an address without re-parsing it.
@@ -286,9 +287,6 @@ class PeerPolicy:
         """
         return self._cached(ip, port)
 
-    def cache_clear(self) -> None:
-        self._cached.cache_clear()
-
     def cache_info(self) -> functools._CacheInfo:
         return self._cached.cache_info()
 
@@ -318,14 +316,14 @@ class PeerPolicy:
 
         # Step 2: own relay addresses; an external address goes to its bound one.
         if primary in self._own:
-            return _allow(_key_str(primary), port)
+            return _allow(_key_str(primary))
         if any(k in self._own for k in embedded_keys):
-            return _allow(str(addr), port)
+            return _allow(str(addr))
 
         # Step 3: operator CIDRs, then the defaults.
         reason = self._judge(key, embedded)
         if reason is None:
-            return _allow(str(addr), port)
+            return _allow(str(addr))
         return _refuse(reason)
 
     def _judge(self, key: _Key, embedded: tuple[int, ...]) -> str | None:
@@ -353,8 +351,8 @@ def _matches(cidrs: tuple[tuple[int, int, int], ...], key: _Key) -> bool:
     return any(v == version and x & mask == net for v, net, mask in cidrs)
 
 
-def _allow(ip: str, port: int | None) -> PeerDecision:
-    return PeerDecision(True, "ok", (ip, port) if port is not None else None)
+def _allow(ip: str) -> PeerDecision:
+    return PeerDecision(True, "ok", ip)
 
 
 @functools.cache

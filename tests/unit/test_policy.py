@@ -182,7 +182,7 @@ def test_default_refuses_ipv4_in_every_embedded_form(policy: PeerPolicy, form: s
     for spelling in spellings(x):
         decision = policy.check(spelling, 50000)
         assert not decision.allowed, (form, spelling)
-        assert decision.target is None
+        assert decision.ip is None
         if form == "compatible" and ip == "0.0.0.1":
             continue  # that spelling is ::1
         assert decision.reason == reason, (form, spelling)
@@ -190,26 +190,26 @@ def test_default_refuses_ipv4_in_every_embedded_form(policy: PeerPolicy, form: s
 
 @pytest.mark.parametrize("ip", PUBLIC_V4_SAMPLE)
 def test_public_ipv4_allowed(policy: PeerPolicy, ip: str) -> None:
-    assert policy.check(ip, 50000) == PeerDecision(True, "ok", (ip, 50000))
-    assert policy.check(ip) == PeerDecision(True, "ok", None)
+    assert policy.check(ip, 50000) == PeerDecision(True, "ok", ip)
+    assert policy.check(ip) == PeerDecision(True, "ok", ip)
 
 
 @pytest.mark.parametrize("ip", PUBLIC_V6_SAMPLE)
 def test_public_ipv6_allowed(policy: PeerPolicy, ip: str) -> None:
     normalized = str(ipaddress.IPv6Address(ip))
-    assert policy.check(ip, 50000) == PeerDecision(True, "ok", (normalized, 50000))
+    assert policy.check(ip, 50000) == PeerDecision(True, "ok", normalized)
 
 
 @pytest.mark.parametrize("form", ["mapped", "compatible", "translated", "nat64", "nat64_local_96", "6to4"])
 def test_public_ipv4_in_embedded_form_allowed_target_stays_original(policy: PeerPolicy, form: str) -> None:
     x = EMBEDDINGS[form]("1.1.1.1")
     for spelling in spellings(x):
-        assert policy.check(spelling, 50000) == PeerDecision(True, "ok", (v6(x), 50000)), spelling
+        assert policy.check(spelling, 50000) == PeerDecision(True, "ok", v6(x)), spelling
 
 
 def test_teredo_with_public_server_and_client_allowed(policy: PeerPolicy) -> None:
     x = teredo("1.1.1.1", "9.9.9.9")
-    assert policy.check(v6(x), 50000) == PeerDecision(True, "ok", (v6(x), 50000))
+    assert policy.check(v6(x), 50000) == PeerDecision(True, "ok", v6(x))
 
 
 def test_non_global_addresses_per_ipaddress_are_always_refused(policy: PeerPolicy) -> None:
@@ -250,7 +250,7 @@ def test_invalid_port_refused(policy: PeerPolicy, port: int) -> None:
 
 def test_allow_cidr_lets_a_refused_range_through() -> None:
     policy = PeerPolicy(allow=["10.0.0.0/8", "fd00::/8"])
-    assert policy.check("10.1.2.3", 50000) == PeerDecision(True, "ok", ("10.1.2.3", 50000))
+    assert policy.check("10.1.2.3", 50000) == PeerDecision(True, "ok", "10.1.2.3")
     assert policy.check("fd00::1", 50000).allowed
     assert policy.check("fc00::1", 50000).reason == "ula"
     assert policy.check("192.168.0.1", 50000).reason == "private"
@@ -260,7 +260,7 @@ def test_allow_cidr_lets_a_refused_range_through() -> None:
 def test_ipv4_allow_cidr_matches_embedded_forms(form: str) -> None:
     policy = PeerPolicy(allow=["127.0.0.0/8", PUBLIC_V4 + "/32"])
     x = EMBEDDINGS[form]("127.0.0.1")
-    assert policy.check(v6(x), 50000) == PeerDecision(True, "ok", (v6(x), 50000))
+    assert policy.check(v6(x), 50000) == PeerDecision(True, "ok", v6(x))
     still_refused = EMBEDDINGS[form]("10.0.0.1")
     assert policy.check(v6(still_refused), 50000).reason == "private"
 
@@ -367,14 +367,14 @@ def own_policy(**kwargs: object) -> PeerPolicy:
 @pytest.mark.parametrize("port", [49152, 50000, 65535])
 def test_own_relay_address_allowed_inside_relay_range(port: int) -> None:
     policy = own_policy()
-    assert policy.check("10.0.0.5", port) == PeerDecision(True, "ok", ("10.0.0.5", port))
-    assert policy.check("fd00::5", port) == PeerDecision(True, "ok", ("fd00::5", port))
-    assert policy.check("FD00:0:0:0:0:0:0:5", port) == PeerDecision(True, "ok", ("fd00::5", port))
+    assert policy.check("10.0.0.5", port) == PeerDecision(True, "ok", "10.0.0.5")
+    assert policy.check("fd00::5", port) == PeerDecision(True, "ok", "fd00::5")
+    assert policy.check("FD00:0:0:0:0:0:0:5", port) == PeerDecision(True, "ok", "fd00::5")
 
 
 def test_own_relay_address_allowed_without_port() -> None:
     # CreatePermission checks the IP only.
-    assert own_policy().check("10.0.0.5") == PeerDecision(True, "ok", None)
+    assert own_policy().check("10.0.0.5") == PeerDecision(True, "ok", "10.0.0.5")
 
 
 @pytest.mark.parametrize("port", [1, 22, 3478, 5349, 8080, 49151])
@@ -409,7 +409,7 @@ def test_specific_listener_guards_only_its_own_address() -> None:
 def test_own_address_in_embedded_form() -> None:
     policy = own_policy()
     assert policy.check("::ffff:10.0.0.5", 22) == PeerDecision(False, "own_port", None)
-    assert policy.check("::ffff:10.0.0.5", 50000) == PeerDecision(True, "ok", ("::ffff:a00:5", 50000))
+    assert policy.check("::ffff:10.0.0.5", 50000) == PeerDecision(True, "ok", "::ffff:a00:5")
     assert policy.check("64:ff9b::10.0.0.5", 3478).reason == "own_port"
 
 
@@ -436,7 +436,7 @@ def test_loopback_test_setup() -> None:
         listening=[("127.0.0.1", 3478)],
         relay_port_range=(40000, 40100),
     )
-    assert policy.check("127.0.0.1", 40050) == PeerDecision(True, "ok", ("127.0.0.1", 40050))
+    assert policy.check("127.0.0.1", 40050) == PeerDecision(True, "ok", "127.0.0.1")
     assert policy.check("127.0.0.1", 3478).reason == "own_port"
     assert policy.check("127.0.0.1", 40101).reason == "own_port"
 
@@ -446,9 +446,11 @@ def test_loopback_test_setup() -> None:
 
 def test_external_address_maps_to_the_bound_relay_address() -> None:
     policy = own_policy(external_addresses={"198.51.100.7": "10.0.0.5", "2001:db8::7": "fd00::5"})
-    assert policy.check("198.51.100.7", 50000) == PeerDecision(True, "ok", ("10.0.0.5", 50000))
-    assert policy.check("2001:DB8:0::7", 50000) == PeerDecision(True, "ok", ("fd00::5", 50000))
-    assert policy.check("198.51.100.7") == PeerDecision(True, "ok", None)
+    assert policy.check("198.51.100.7", 50000) == PeerDecision(True, "ok", "10.0.0.5")
+    assert policy.check("2001:DB8:0::7", 50000) == PeerDecision(True, "ok", "fd00::5")
+    # CreatePermission gives no port: the mapping applies all the same.
+    assert policy.check("198.51.100.7") == PeerDecision(True, "ok", "10.0.0.5")
+    assert policy.check("2001:db8:0:0::7") == PeerDecision(True, "ok", "fd00::5")
     assert policy.check("198.51.100.7", 3478) == PeerDecision(False, "own_port", None)
     assert policy.check("198.51.100.7", 1000) == PeerDecision(False, "own_port", None)
     # Neighbours of the external address are still documentation space.
@@ -457,8 +459,8 @@ def test_external_address_maps_to_the_bound_relay_address() -> None:
 
 def test_external_bound_address_counts_as_own_even_if_not_listed() -> None:
     policy = PeerPolicy(external_addresses={"198.51.100.7": "10.0.0.9"})
-    assert policy.check("10.0.0.9", 50000) == PeerDecision(True, "ok", ("10.0.0.9", 50000))
-    assert policy.check("198.51.100.7", 50000) == PeerDecision(True, "ok", ("10.0.0.9", 50000))
+    assert policy.check("10.0.0.9", 50000) == PeerDecision(True, "ok", "10.0.0.9")
+    assert policy.check("198.51.100.7", 50000) == PeerDecision(True, "ok", "10.0.0.9")
 
 
 def test_embedded_external_address_is_guarded() -> None:

@@ -71,7 +71,7 @@ def test_configured_short_default_lifetime() -> None:
 
 
 def test_even_port_with_reservation_then_token_gets_next_port() -> None:
-    h = make_core()
+    h = make_core(ports=FakeRelayPorts(ports=range(50001, 50011)))  # the first free port is odd
     first = Client(h).allocate(EVEN_PORT=True)
     port = first.get(Attr.XOR_RELAYED_ADDRESS)[1]
     token = first.get(Attr.RESERVATION_TOKEN)
@@ -95,10 +95,14 @@ def test_reservation_expires_after_30_seconds_and_releases_the_port() -> None:
 
 
 def test_even_port_without_reservation() -> None:
-    h = make_core()
+    h = make_core(ports=FakeRelayPorts(ports=range(50001, 50011)))  # the first free port is odd
     reply = Client(h).allocate(EVEN_PORT=False)
     assert reply.get(Attr.XOR_RELAYED_ADDRESS)[1] % 2 == 0
     assert Attr.RESERVATION_TOKEN not in reply
+    assert len(h.ports.open) == 1  # R bit 0: nothing reserved
+    # Without EVEN-PORT the same pool hands out the odd port.
+    other = ("udp", ("198.51.100.7", 40002), CLIENT[2])
+    assert Client(h, five_tuple=other).allocate().get(Attr.XOR_RELAYED_ADDRESS)[1] == 50001
 
 
 @pytest.mark.parametrize("attrs", [
@@ -138,6 +142,27 @@ def test_dual_allocation_without_ipv6_keeps_ipv4_and_reports_address_error() -> 
     assert code(reply) == 200
     assert len(reply.get_all(Attr.XOR_RELAYED_ADDRESS)) == 1
     assert reply.get(Attr.ADDRESS_ERROR_CODE) == (2, 440, "Address Family not Supported")
+
+
+def test_dual_allocation_with_ipv6_out_of_ports_reports_508() -> None:
+    # RFC 8656 §7.2 step 9: IPv6 is supported but has no port left: partial success, 508.
+    ports = FakeRelayPorts(ipv6="2001:db8::1")
+    ports.free[2] = []
+    h = make_core(ports=ports)
+    reply = Client(h).allocate(ADDITIONAL_ADDRESS_FAMILY=2)
+    assert code(reply) == 200
+    assert [a[0] for a in reply.get_all(Attr.XOR_RELAYED_ADDRESS)] == ["192.0.2.1"]
+    assert reply.get(Attr.ADDRESS_ERROR_CODE) == (2, 508, "Insufficient Capacity")
+
+
+def test_ipv6_only_server_refuses_a_dual_allocation_with_440() -> None:
+    # RFC 8656 §7.2 step 7: without REQUESTED-ADDRESS-FAMILY the allocation is IPv4; a server
+    # without IPv4 answers 440, ADDITIONAL-ADDRESS-FAMILY or not.
+    h = make_core(ports=FakeRelayPorts(ipv4=None, ipv6="2001:db8::1"))
+    reply = Client(h).allocate(ADDITIONAL_ADDRESS_FAMILY=2)
+    assert code(reply) == 440
+    assert Attr.XOR_RELAYED_ADDRESS not in reply
+    assert not h.core.allocations and not h.ports.open
 
 
 def test_dont_fragment_supported_sets_df_and_unsupported_is_420() -> None:
@@ -226,6 +251,18 @@ def test_sha256_password_algorithm_and_message_integrity_sha256() -> None:
     reply = client.allocate()
     assert code(reply) == 200
     assert Attr.MESSAGE_INTEGRITY_SHA256 in reply and Attr.MESSAGE_INTEGRITY not in reply
+
+
+def test_password_algorithm_must_be_an_entry_of_password_algorithms_parameters_included() -> None:
+    # RFC 8489 §9.2.4: the algorithm number alone is not enough.
+    h = make_core()
+    client = Client(h)
+    client.allocate()  # get a nonce
+    msg = request(Method.REFRESH, PASSWORD_ALGORITHMS=[(1, b""), (2, b"")], PASSWORD_ALGORITHM=(2, b"xx"))
+    msg.add(Attr.USERNAME, client.username).add(Attr.REALM, REALM).add(Attr.NONCE, client.nonce)
+    reply = decode_message(h.core.handle_stun(encode_message(msg, key=client.key), CLIENT, 1.0))
+    assert code(reply) == 400
+    assert h.core.stats.auth_failures["bad_request"] == 1
 
 
 def test_password_algorithms_mismatch_is_400() -> None:

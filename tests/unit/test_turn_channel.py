@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from turnserver.policy import PeerPolicy
 from turnserver.stun import Attr, decode_message
 from turnserver.turn.core import SendToPeer
 
@@ -123,3 +124,58 @@ def test_deleting_the_allocation_removes_channel_routes() -> None:
     client.refresh(2.0, lifetime=0)
     assert h.core.handle_channel_data(channel_data(0x4000, b"x"), CLIENT, 3.0) is None
     assert not h.core._routes
+
+
+def test_stream_client_on_a_legacy_channel_gets_padded_channel_data() -> None:
+    h = make_core(legacy_channel_numbers=True)
+    tcp = ("tcp", ("198.51.100.7", 40000), ("192.0.2.1", 3478))
+    client = Client(h, five_tuple=tcp)
+    client.allocate(0.0)
+    assert code(client.bind(1.0, 0x7FFE, PEER)) == 200
+    _, frame = h.core.handle_peer_data(h.core.allocations[tcp].relays[0], b"abcde", PEER, 2.0)
+    assert frame == b"\x7f\xfe\x00\x05abcde\x00\x00\x00"
+
+
+def test_channel_carries_the_largest_datagram() -> None:
+    h, client = setup()
+    client.bind(1.0, 0x4000, PEER)
+    _, frame = h.core.handle_peer_data(h.core.allocations[CLIENT].relays[0], bytes(65535), PEER, 2.0)
+    assert frame[:4] == b"\x40\x00\xff\xff" and len(frame) == 4 + 65535
+
+
+def test_policy_reload_removes_permissions_and_channels_it_refuses() -> None:
+    h, client = setup()
+    other = ("udp", ("198.51.100.8", 40000), CLIENT[2])
+    bob = Client(h, five_tuple=other)
+    bob.allocate(0.0)
+    assert code(client.bind(1.0, 0x4000, PEER)) == 200
+    assert code(client.bind(1.0, 0x4001, PEER2)) == 200
+    assert code(bob.permit(1.0, PEER)) == 200
+    relay = h.core.allocations[CLIENT].relays[0]
+    # The operator narrows the allowed peers to PEER2 alone; PEER is documentation space again.
+    h.core.reconfigure(policy=PeerPolicy(allow=[f"{PEER2[0]}/32"], relay_addresses=["192.0.2.1"],
+                                         relay_port_range=(50000, 50099)))
+    alice_alloc = h.core.allocations[CLIENT]
+    assert set(alice_alloc.permissions) == {PEER2[0]}
+    assert set(alice_alloc.channels) == {0x4001} and set(alice_alloc.peer_channels) == {PEER2}
+    assert h.core.allocations[other].permissions == {}
+    assert h.core.stats.policy_refusals["documentation"] == 3  # two permissions, one channel
+    # Nothing flows toward or from PEER any more, on the channel or otherwise.
+    assert h.core.handle_channel_data(channel_data(0x4000, b"x"), CLIENT, 2.0) is None
+    assert h.core.stats.dropped["unbound_channel"] == 1
+    assert h.core.handle_peer_data(relay, b"x", PEER, 2.0) is None
+    assert h.core.stats.dropped["no_permission"] == 1
+    assert isinstance(h.core.handle_channel_data(channel_data(0x4001, b"y"), CLIENT, 2.0), SendToPeer)
+    # Asking again is refused, and the stale deadlines of what was removed pass harmlessly.
+    assert code(client.bind(3.0, 0x4000, PEER)) == 403
+    h.core.handle_timer(700.0)
+    assert CLIENT not in h.core.allocations
+
+
+def test_reload_with_the_same_policy_keeps_everything() -> None:
+    h, client = setup()
+    client.bind(1.0, 0x4000, PEER)
+    h.core.reconfigure(policy=h.core.policy)
+    assert set(h.core.allocations[CLIENT].permissions) == {PEER[0]}
+    assert isinstance(h.core.handle_channel_data(channel_data(0x4000, b"x"), CLIENT, 2.0), SendToPeer)
+    assert sum(h.core.stats.policy_refusals.values()) == 0

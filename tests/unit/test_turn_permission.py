@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from turnserver.stun import Attr, Message, MessageClass, Method, decode_message, encode_message
 from turnserver.turn.core import SendToPeer
 
@@ -108,3 +110,79 @@ def test_external_address_maps_to_the_bound_relay_address() -> None:
     # Data from the other allocation arrives from the bound address and is shown as external.
     sink, frame = h.core.handle_peer_data(relay_of(h), b"x", ("192.0.2.1", 50010), 2.0)
     assert decode_message(frame).get(Attr.XOR_PEER_ADDRESS) == ("198.51.100.200", 50010)
+
+
+def test_send_with_an_unknown_comprehension_required_attribute_is_dropped() -> None:
+    # RFC 8489 §6.3.2: discarded; comprehension-optional ones are ignored.
+    h = make_core()
+    client = Client(h)
+    client.allocate(0.0)
+    client.permit(1.0, PEER)
+    msg = Message(Method.SEND, MessageClass.INDICATION)
+    msg.add(Attr.XOR_PEER_ADDRESS, PEER).add(Attr.DATA, b"x").add(0x7001, b"??")
+    assert h.core.handle_stun(encode_message(msg), CLIENT, 2.0) is None
+    assert h.core.stats.dropped["unknown_attribute"] == 1
+    msg = Message(Method.SEND, MessageClass.INDICATION)
+    msg.add(Attr.XOR_PEER_ADDRESS, PEER).add(Attr.DATA, b"x").add(0xC001, b"??")
+    assert isinstance(h.core.handle_stun(encode_message(msg), CLIENT, 2.0), SendToPeer)
+
+
+def test_send_with_dont_fragment_is_dropped_when_the_relay_cannot_set_df() -> None:
+    # RFC 8656 §11.2: DONT-FRAGMENT the server cannot honour is an unknown attribute.
+    for supported in (True, False):
+        h = make_core(ports=FakeRelayPorts(dont_fragment=supported))
+        client = Client(h)
+        client.allocate(0.0)
+        client.permit(1.0, PEER)
+        msg = Message(Method.SEND, MessageClass.INDICATION)
+        msg.add(Attr.XOR_PEER_ADDRESS, PEER).add(Attr.DATA, b"x").add(Attr.DONT_FRAGMENT)
+        out = h.core.handle_stun(encode_message(msg), CLIENT, 2.0)
+        if supported:
+            assert isinstance(out, SendToPeer) and out.data == b"x"
+        else:
+            assert out is None
+            assert h.core.stats.dropped["dont_fragment_unsupported"] == 1
+
+
+def test_data_indication_transaction_id_comes_from_the_injected_random_source() -> None:
+    h = make_core()
+    client = Client(h)
+    client.allocate(0.0)
+    client.permit(1.0, PEER)
+    h.core.random_bytes = lambda n: b"\x5a" * n
+    _, frame = h.core.handle_peer_data(relay_of(h), b"x", PEER, 2.0)
+    assert decode_message(frame).transaction_id == b"\x5a" * 12
+
+
+@pytest.mark.parametrize("family, peer, fits", [
+    (1, PEER, 65516),  # 0xFFFF less XOR-PEER-ADDRESS (12) and the DATA header (4), padded
+    (2, ("2001:db8::50", 6000), 65504),  # XOR-PEER-ADDRESS is 24 bytes for IPv6
+])
+def test_peer_datagram_too_big_for_a_data_indication_is_dropped(family: int, peer, fits: int) -> None:
+    h = make_core(ports=FakeRelayPorts(ipv4="192.0.2.1" if family == 1 else None,
+                                       ipv6="2001:db8::1" if family == 2 else None))
+    client = Client(h)
+    client.allocate(0.0, REQUESTED_ADDRESS_FAMILY=family)
+    client.permit(1.0, peer)
+    _, frame = h.core.handle_peer_data(relay_of(h), bytes(fits), peer, 2.0)
+    assert decode_message(frame).get(Attr.DATA) == bytes(fits)
+    for size in (fits + 1, 65535):
+        assert h.core.handle_peer_data(relay_of(h), bytes(size), peer, 2.0) is None
+    assert h.core.stats.dropped["too_big"] == 2
+    assert h.core.allocations[CLIENT].packets_to_client == 1
+
+
+def test_external_addresses_in_any_spelling() -> None:
+    # The map comes from configuration, and the relay socket may carry its address as written
+    # there too: "2001:DB8:0::1" and "2001:DB8::1" are both 2001:db8::1.
+    h = make_core(allow=(), external_addresses={"2001:DB8:0::1": "2001:0DB8::200"},
+                  relay_addresses=("2001:db8::1",), ports=FakeRelayPorts(ipv4=None, ipv6="2001:DB8::1"))
+    client = Client(h)
+    reply = client.allocate(0.0, REQUESTED_ADDRESS_FAMILY=2)
+    assert reply.get(Attr.XOR_RELAYED_ADDRESS) == ("2001:db8::200", 50000)
+    assert code(client.permit(1.0, ("2001:db8::200", 50010))) == 200
+    assert set(h.core.allocations[CLIENT].permissions) == {"2001:db8::1"}
+    assert code(client.bind(1.0, 0x4000, ("2001:db8::200", 50012))) == 200
+    assert h.core.allocations[CLIENT].channels[0x4000].peer == ("2001:db8::1", 50012)
+    _, frame = h.core.handle_peer_data(relay_of(h), b"x", ("2001:db8::1", 50010), 2.0)
+    assert decode_message(frame).get(Attr.XOR_PEER_ADDRESS) == ("2001:db8::200", 50010)

@@ -106,3 +106,65 @@ def test_shutdown_releases_every_relay() -> None:
     h.core.shutdown(1.0)
     assert not h.ports.open
     assert h.ended[0][1] == "shutdown"
+
+
+def test_refreshes_do_not_grow_the_deadline_heap() -> None:
+    # One heap entry per allocation, permission and channel, however often they are refreshed.
+    h = make_core()
+    client = Client(h)
+    client.allocate(0.0)
+    for i in range(2000):
+        now = i * 0.1
+        assert code(client.refresh(now)) == 200
+        assert code(client.permit(now, ("203.0.113.50", 1))) == 200
+    for i in range(200):
+        assert code(client.bind(200.0 + i * 0.1, 0x4000, ("203.0.113.51", 2))) == 200
+    assert len(h.core._timers) <= 4
+    # Every deadline still falls when it should. Last refreshes: the allocation and the first
+    # permission at 199.9, the channel and its permission at 219.9.
+    alloc = h.core.allocations[CLIENT]
+    h.core.handle_timer(499.85)
+    assert set(alloc.permissions) == {"203.0.113.50", "203.0.113.51"}
+    h.core.handle_timer(499.95)
+    assert set(alloc.permissions) == {"203.0.113.51"}
+    h.core.handle_timer(519.95)
+    assert alloc.permissions == {} and 0x4000 in alloc.channels
+    h.core.handle_timer(799.85)
+    assert CLIENT in h.core.allocations
+    h.core.handle_timer(799.95)
+    assert CLIENT not in h.core.allocations
+
+
+def test_permission_and_channel_expire_on_time_after_refreshes() -> None:
+    h = make_core()
+    client = Client(h)
+    client.allocate(0.0, LIFETIME=3600)
+    client.permit(0.0, ("203.0.113.50", 1))
+    client.permit(100.0, ("203.0.113.50", 1))  # now good until 400
+    client.bind(0.0, 0x4000, ("203.0.113.51", 2))
+    client.bind(50.0, 0x4000, ("203.0.113.51", 2))  # channel until 650, permission until 350
+    alloc = h.core.allocations[CLIENT]
+    h.core.handle_timer(349.9)
+    assert set(alloc.permissions) == {"203.0.113.50", "203.0.113.51"}
+    h.core.handle_timer(350.0)
+    assert set(alloc.permissions) == {"203.0.113.50"}
+    h.core.handle_timer(400.0)
+    assert alloc.permissions == {}
+    h.core.handle_timer(649.9)
+    assert 0x4000 in alloc.channels
+    h.core.handle_timer(650.0)
+    assert alloc.channels == {} and not h.core._routes
+
+
+def test_refresh_to_a_shorter_lifetime_ends_the_allocation_at_the_new_time() -> None:
+    h = make_core()
+    client = Client(h)
+    client.allocate(0.0, LIFETIME=3600)
+    assert client.refresh(10.0).get(Attr.LIFETIME) == 600  # no LIFETIME: the default
+    assert h.core.next_deadline() == 610.0
+    h.core.handle_timer(610.0)
+    assert CLIENT not in h.core.allocations
+    assert [reason for _, reason, _ in h.ended] == ["expired"]
+    assert not h.ports.open
+    h.core.handle_timer(3600.0)  # the superseded deadline finds nothing to do
+    assert len(h.ended) == 1

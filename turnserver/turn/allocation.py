@@ -1,4 +1,4 @@
-"""Allocation state (RFC 8656 §2.2): relayed addresses, permissions, channels, usage counters.
+"""Allocation state (RFC 8656 §6): relayed addresses, permissions, channels, usage counters.
 
 Plain objects with ``__slots__``; the core keeps lookup dicts keyed both ways so the
 per-packet paths are dictionary hits, never scans.
@@ -6,18 +6,13 @@ per-packet paths are dictionary hits, never scans.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Protocol
+from typing import Any, Protocol
 
-# RFC 8656 §3, §9 and §12: fixed lifetimes.
+# RFC 8656 §9 and §12: fixed lifetimes of a permission and of a channel binding.
 PERMISSION_LIFETIME_S = 300.0
 CHANNEL_LIFETIME_S = 600.0
-# RFC 8656 §7.2 / §14.9: a reserved port is held "about 30 seconds".
+# RFC 8656 §7.2: the server "MUST hold this reservation for at least 30 seconds".
 RESERVATION_LIFETIME_S = 30.0
-DEFAULT_ALLOCATION_LIFETIME_S = 600
-MAX_ALLOCATION_LIFETIME_S = 3600
-
-CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF
 
 # A client's 5-tuple: (transport, client (ip, port), server (ip, port)).
 # transport is "udp", "tcp" or "tls"; TLS and TCP both use stream framing.
@@ -56,12 +51,13 @@ class RelayPorts(Protocol):
 
 
 class Channel:
-    __slots__ = ("number", "peer", "expires_at")
+    __slots__ = ("number", "peer", "expires_at", "timer_at")
 
     def __init__(self, number: int, peer: Address, expires_at: float) -> None:
         self.number = number
         self.peer = peer
         self.expires_at = expires_at
+        self.timer_at: float | None = None  # the core's deadline heap entry, when it has one
 
 
 class Allocation:
@@ -69,10 +65,10 @@ class Allocation:
 
     __slots__ = (
         "five_tuple", "sink", "username", "realm", "key", "algorithm", "integrity",
-        "relays", "created_at", "expires_at", "lifetime_s", "transaction_id", "response",
-        "permissions", "channels", "peer_channels", "reservation_token", "peers_seen",
+        "relays", "created_at", "expires_at", "transaction_id", "response",
+        "permissions", "channels", "peer_channels", "peers_seen",
         "bytes_to_peer", "packets_to_peer", "bytes_to_client", "packets_to_client",
-        "alive",
+        "alive", "timer_at", "permission_timers",
     )
 
     def __init__(
@@ -98,20 +94,22 @@ class Allocation:
         self.integrity = integrity
         self.relays = relays
         self.created_at = created_at
-        self.lifetime_s = lifetime_s
         self.expires_at = created_at + lifetime_s
         self.transaction_id = transaction_id
         self.response: bytes = b""  # the success response, replayed on a retransmitted Allocate
         self.permissions: dict[str, float] = {}  # peer IP -> expires_at
         self.channels: dict[int, Channel] = {}  # channel number -> Channel
         self.peer_channels: dict[Address, Channel] = {}  # peer address -> Channel
-        self.reservation_token: bytes | None = None
         self.peers_seen: set[str] = set()  # distinct peer IPs with a permission, for the usage record
         self.bytes_to_peer = 0
         self.packets_to_peer = 0
         self.bytes_to_client = 0
         self.packets_to_client = 0
         self.alive = True
+        # The core's deadline heap holds one entry per allocation and per permission, at the
+        # time recorded here (see TurnCore.handle_timer).
+        self.timer_at: float | None = None
+        self.permission_timers: dict[str, float] = {}  # peer IP -> time of its heap entry
 
     @property
     def transport(self) -> str:
@@ -145,6 +143,3 @@ def compute_lifetime(requested: int | None, default_s: int, max_s: int) -> int:
     if requested is None:
         return default_s
     return max(min(requested, max_s), default_s)
-
-
-ReservationKey = Hashable

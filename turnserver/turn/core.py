@@ -14,17 +14,21 @@ The core never touches a socket or a clock. The I/O layer hands it:
 
 Relay sockets come from a :class:`RelayPorts` the I/O layer provides; the core only keeps
 the opaque endpoints it returns. Expiry is checked where an entry is looked up
-(``expires_at > now``) and one deadline heap drives clean-up.
+(``expires_at > now``) and one deadline heap drives clean-up: each allocation, permission and
+channel has at most one entry there, which is pushed again at the current ``expires_at`` when
+it falls due on something refreshed in the meantime.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import ipaddress
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..auth import ALGORITHM_MD5, ALGORITHM_SHA256, CredentialStore, NonceManager
+from ..auth import ALGORITHM_MD5, SUPPORTED_ALGORITHMS, CredentialStore, NonceManager
 from ..policy import PeerPolicy
 from ..stun import (
     Attr,
@@ -34,14 +38,14 @@ from ..stun import (
     Method,
     StunDecodeError,
     decode_message,
+    encode_channel_data,
     encode_message,
     verify_message_integrity,
     verify_message_integrity_sha256,
 )
+from ..stun.channel_data import CHANNEL_MAX, CHANNEL_MIN
 from .allocation import (
     CHANNEL_LIFETIME_S,
-    CHANNEL_MAX,
-    CHANNEL_MIN,
     PERMISSION_LIFETIME_S,
     RESERVATION_LIFETIME_S,
     Address,
@@ -66,8 +70,12 @@ METHOD_NAMES = {
     Method.CREATE_PERMISSION: "create_permission",
     Method.CHANNEL_BIND: "channel_bind",
 }
-SERVER_PASSWORD_ALGORITHMS = [(ALGORITHM_MD5, b""), (ALGORITHM_SHA256, b"")]
+# RFC 8489 §14.11: what a challenge offers; every algorithm we derive keys for, no parameters.
+SERVER_PASSWORD_ALGORITHMS = [(algorithm, b"") for algorithm in SUPPORTED_ALGORITHMS]
 _CHANNEL_HEADER = struct.Struct("!HH")
+# RFC 8489 §5: a message body is at most 0xFFFF bytes. A Data indication spends 12 (IPv4) or
+# 24 (IPv6) of them on XOR-PEER-ADDRESS and 4 on the DATA header, and DATA is padded to 4.
+_DATA_INDICATION_MAX = {1: (0xFFFF - 12 - 4) & ~3, 2: (0xFFFF - 24 - 4) & ~3}
 
 
 @dataclass
@@ -79,12 +87,18 @@ class CoreConfig:
     max_allocations: int = 0  # 0: bounded by the relay ports only
     user_quota: int = 0  # 0: unlimited
     allow_refresh_after_expiry: bool = True
-    # bound relay IP -> advertised external IP (servers behind 1:1 NAT)
+    # bound relay IP -> advertised external IP (servers behind 1:1 NAT); any spelling that
+    # ipaddress accepts, kept in canonical form
     external_addresses: Mapping[str, str] = field(default_factory=dict)
     alternate_server: Address | None = None
     # RFC 5766 clients (coturn's tools among them) bind channels up to 0x7FFF; RFC 8656 §12
     # narrowed the range to 0x4FFF. Off: the RFC 8656 range only.
     legacy_channel_numbers: bool = False
+
+    def __post_init__(self) -> None:
+        self.external_addresses = {
+            canonical_ip(bound): canonical_ip(ext) for bound, ext in self.external_addresses.items()
+        }
 
     @property
     def channel_max(self) -> int:
@@ -145,13 +159,8 @@ class TurnCore:
         self._reservations: dict[bytes, tuple[RelayEndpoint, float]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = 0
-        self._set_external(config.external_addresses)
 
     # ------------------------------------------------------------------ configuration
-
-    def _set_external(self, external: Mapping[str, str]) -> None:
-        self._bound_to_external = dict(external)
-        self._external_to_bound = {ext: bound for bound, ext in external.items()}
 
     def reconfigure(
         self,
@@ -161,22 +170,70 @@ class TurnCore:
         policy: PeerPolicy | None = None,
         nonces: NonceManager | None = None,
     ) -> None:
-        """Swap configuration on reload; allocations, permissions and channels stay."""
+        """Swap configuration on reload; allocations stay.
+
+        A new peer policy also applies to what was granted under the old one: permissions
+        and channels toward peers it refuses are removed, each counted in
+        ``stats.policy_refusals`` under the policy's reason.
+        """
         if config is not None:
             self.config = config
-            self._set_external(config.external_addresses)
         if credentials is not None:
             self.credentials = credentials
         if policy is not None:
             self.policy = policy
+            self._revoke_refused_peers()
         if nonces is not None:
             self.nonces = nonces
 
-    # ------------------------------------------------------------------ timers
+    def _revoke_refused_peers(self) -> None:
+        check = self.policy.check
+        refusals = self.stats.policy_refusals
+        for allocation in self.allocations.values():
+            for channel in list(allocation.channels.values()):
+                decision = check(channel.peer[0], channel.peer[1])
+                if not decision.allowed:
+                    self._unbind_channel(allocation, channel)
+                    refusals[decision.reason] += 1
+            permissions = allocation.permissions
+            for ip in list(permissions):
+                decision = check(ip)
+                if not decision.allowed:
+                    # Its deadline heap entry stays and finds nothing when it falls due.
+                    del permissions[ip]
+                    refusals[decision.reason] += 1
 
-    def _schedule(self, when: float, kind: str, obj: Any) -> None:
+    # ------------------------------------------------------------------ timers
+    #
+    # One heap entry per allocation, permission and channel, not one per refresh: the time of
+    # an object's entry is kept beside it (``timer_at``, ``permission_timers``). A refresh
+    # that moves the expiry later pushes nothing; when the entry falls due, the object is
+    # either expired or pushed again at its current ``expires_at``. Only an expiry moved
+    # earlier (a Refresh with a shorter lifetime) pushes a second, earlier entry; the later
+    # one no longer matches the recorded time and is skipped when it comes up.
+
+    def _push(self, when: float, kind: str, obj: Any) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, obj))
+
+    def _schedule_allocation(self, allocation: Allocation) -> None:
+        when = allocation.expires_at
+        if allocation.timer_at is None or when < allocation.timer_at:
+            allocation.timer_at = when
+            self._push(when, "allocation", allocation)
+
+    def _schedule_permission(self, allocation: Allocation, ip: str, when: float) -> None:
+        timers = allocation.permission_timers
+        scheduled = timers.get(ip)
+        if scheduled is None or when < scheduled:
+            timers[ip] = when
+            self._push(when, "permission", (allocation, ip))
+
+    def _schedule_channel(self, allocation: Allocation, channel: Channel) -> None:
+        when = channel.expires_at
+        if channel.timer_at is None or when < channel.timer_at:
+            channel.timer_at = when
+            self._push(when, "channel", (allocation, channel))
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -184,19 +241,38 @@ class TurnCore:
     def handle_timer(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, kind, obj = heapq.heappop(timers)
+            when, _, kind, obj = heapq.heappop(timers)
             if kind == "allocation":
-                if obj.alive and obj.expires_at <= now:
+                if not obj.alive or obj.timer_at != when:
+                    continue
+                obj.timer_at = None
+                if obj.expires_at <= now:
                     self._end_allocation(obj, "expired", now)
+                else:
+                    self._schedule_allocation(obj)
             elif kind == "permission":
                 allocation, ip = obj
+                if not allocation.alive or allocation.permission_timers.get(ip) != when:
+                    continue
+                del allocation.permission_timers[ip]
                 expires_at = allocation.permissions.get(ip)
-                if expires_at is not None and expires_at <= now:
+                if expires_at is None:
+                    continue
+                if expires_at <= now:
                     del allocation.permissions[ip]
+                else:
+                    self._schedule_permission(allocation, ip, expires_at)
             elif kind == "channel":
                 allocation, channel = obj
-                if channel.expires_at <= now and allocation.channels.get(channel.number) is channel:
+                if channel.timer_at != when:
+                    continue
+                channel.timer_at = None
+                if not allocation.alive or allocation.channels.get(channel.number) is not channel:
+                    continue
+                if channel.expires_at <= now:
                     self._unbind_channel(allocation, channel)
+                else:
+                    self._schedule_channel(allocation, channel)
             elif kind == "reservation":
                 entry = self._reservations.get(obj)
                 if entry is not None and entry[1] <= now:
@@ -231,7 +307,7 @@ class TurnCore:
                     return self._handle_send(msg, five_tuple, now)
                 self.stats.dropped["unexpected_indication"] += 1
                 return None
-            # RFC 8489 §6.3.3: a response we never asked for.
+            # RFC 8489 §6.3: a response to no transaction of ours is discarded.
             self.stats.dropped["unsolicited_response"] += 1
             return None
         except Exception:  # last resort: one bad message must not take the listener down
@@ -268,7 +344,8 @@ class TurnCore:
                 else:
                     reply = self._handle_channel_bind(msg, auth, five_tuple, now)
             else:
-                # RFC 8656 §6.2 (RFC 6062's Connect and friends are not offered).
+                # A method not offered (RFC 6062's Connect and friends) or not defined at all.
+                # RFC 8489 §6.3 would let it be discarded; a 400 tells the client plainly.
                 raise error(400, "Unsupported method", label="bad_request")
         except TurnError as exc:
             if msg.method == Method.ALLOCATE and exc.label != "challenge":
@@ -329,11 +406,12 @@ class TurnCore:
         algorithms = msg.get(Attr.PASSWORD_ALGORITHMS)
         chosen = msg.get(Attr.PASSWORD_ALGORITHM)
         if (algorithms is not None or chosen is not None) and NonceManager.has_password_algorithms_feature(nonce):
-            # RFC 8489 §9.2.4: PASSWORD-ALGORITHMS must echo ours and PASSWORD-ALGORITHM be one of them.
+            # RFC 8489 §9.2.4: both present, PASSWORD-ALGORITHMS the list we sent, and
+            # PASSWORD-ALGORITHM one of its entries, parameters included.
             if algorithms is None or chosen is None or list(algorithms) != SERVER_PASSWORD_ALGORITHMS:
                 stats.auth_failures["bad_request"] += 1
                 raise error(400, "PASSWORD-ALGORITHMS mismatch", label="auth")
-            if chosen[0] not in (ALGORITHM_MD5, ALGORITHM_SHA256):
+            if chosen not in SERVER_PASSWORD_ALGORITHMS:
                 stats.auth_failures["bad_request"] += 1
                 raise error(400, "Unsupported PASSWORD-ALGORITHM", label="auth")
             algorithm = chosen[0]
@@ -372,7 +450,7 @@ class TurnCore:
     def _allocation_for(self, auth: _Auth, five_tuple: FiveTuple, now: float) -> Allocation:
         allocation = self.allocations.get(five_tuple)
         if allocation is None or allocation.expires_at <= now:
-            # RFC 8656 §8.2, §10.2, §12.2: no allocation on this 5-tuple -> 437.
+            # RFC 8656 §5: a request other than Allocate on a 5-tuple without an allocation.
             raise error(437, label="mismatch")
         if allocation.username != auth.username:
             # RFC 8656 §5: the same credentials as the Allocate, else 441.
@@ -395,9 +473,9 @@ class TurnCore:
         existing = self.allocations.get(five_tuple)
         if existing is not None and existing.expires_at > now:
             if existing.transaction_id == msg.transaction_id:
-                # RFC 8656 §7.2 step 2: a retransmitted Allocate gets the same answer.
+                # RFC 8656 §5, RFC 8489 §6.3.1: a retransmitted Allocate gets the same answer.
                 return existing.response
-            raise error(437, label="mismatch")
+            raise error(437, label="mismatch")  # RFC 8656 §7.2 step 2
         if existing is not None:
             self._end_allocation(existing, "expired", now)
         if self.draining:
@@ -410,10 +488,10 @@ class TurnCore:
         if transport is None:
             raise error(400, "Missing REQUESTED-TRANSPORT", label="bad_request")
         if transport != REQUESTED_TRANSPORT_UDP:
-            raise error(442, label="bad_request")  # RFC 8656 §7.2 step 4
+            raise error(442, label="bad_request")  # RFC 8656 §7.2 step 3
         dont_fragment = Attr.DONT_FRAGMENT in msg
         if dont_fragment and not self.relay_ports.supports_dont_fragment():
-            # RFC 8656 §7.2 step 5
+            # RFC 8656 §7.2 step 4: an unknown comprehension-required attribute, then.
             raise error(420, attributes=[(Attr.UNKNOWN_ATTRIBUTES, [Attr.DONT_FRAGMENT])],
                         label="bad_request")
 
@@ -423,20 +501,22 @@ class TurnCore:
         additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
         if token is not None and (even_port is not None or requested_family is not None
                                   or additional_family is not None):
-            # RFC 8656 §7.2 steps 6 and 7
+            # RFC 8656 §7.2 step 5
             raise error(400, "RESERVATION-TOKEN with EVEN-PORT or an address family", label="bad_request")
         if requested_family is not None and additional_family is not None:
+            # RFC 8656 §7.2 step 6
             raise error(400, "Both REQUESTED- and ADDITIONAL-ADDRESS-FAMILY", label="bad_request")
         if additional_family is not None and additional_family != 2:
-            raise error(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6", label="bad_request")
+            raise error(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6", label="bad_request")  # step 9
         if additional_family is not None and even_port:
+            # RFC 8656 §7.2 step 8
             raise error(400, "EVEN-PORT reservation with a dual allocation", label="bad_request")
         if requested_family is not None and requested_family not in (1, 2):
-            raise error(440, label="bad_request")
+            raise error(440, label="bad_request")  # RFC 8656 §7.2 step 7
 
         quota = self.config.user_quota
         if quota and self._user_counts.get(auth.username, 0) >= quota:
-            raise error(486, label="quota")
+            raise error(486, label="quota")  # RFC 8656 §7.2 step 10
         if self.config.max_allocations and len(self.allocations) >= self.config.max_allocations:
             raise error(508, label="capacity")
 
@@ -449,30 +529,37 @@ class TurnCore:
             if entry is None or entry[1] <= now:
                 if entry is not None:
                     self.relay_ports.release(entry[0])
+                # RFC 8656 §7.2 step 5
                 raise error(508, "Unknown or expired RESERVATION-TOKEN", label="capacity")
             relays.append(entry[0])
         else:
             family = requested_family or 1
             if family not in available:
+                # RFC 8656 §7.2 step 7: without REQUESTED-ADDRESS-FAMILY the allocation is
+                # IPv4, so an IPv6-only server answers 440 even to ADDITIONAL-ADDRESS-FAMILY.
                 raise error(440, label="capacity")
             bound = self.relay_ports.allocate(
                 family, even_port=even_port is not None, reserve_next=bool(even_port),
                 dont_fragment=dont_fragment,
             )
             if bound is None:
-                raise error(508, label="capacity")
+                raise error(508, label="capacity")  # RFC 8656 §7.2 step 8
             relays.append(bound[0])
             if bound[1] is not None:
                 new_token = self.random_bytes(8)
                 self._reservations[new_token] = (bound[1], now + RESERVATION_LIFETIME_S)
-                self._schedule(now + RESERVATION_LIFETIME_S, "reservation", new_token)
+                self._push(now + RESERVATION_LIFETIME_S, "reservation", new_token)
             if additional_family is not None:
-                second = self.relay_ports.allocate(2, dont_fragment=dont_fragment) if 2 in available else None
-                if second is None:
-                    # RFC 8656 §7.2: the IPv4 allocation stands; say why IPv6 did not.
+                # RFC 8656 §7.2 step 9: the IPv4 allocation stands; ADDRESS-ERROR-CODE says
+                # why IPv6 did not come with it.
+                if 2 not in available:
                     response_extra.append((Attr.ADDRESS_ERROR_CODE, (2, 440, "Address Family not Supported")))
                 else:
-                    relays.append(second[0])
+                    second = self.relay_ports.allocate(2, dont_fragment=dont_fragment)
+                    if second is None:
+                        response_extra.append((Attr.ADDRESS_ERROR_CODE, (2, 508, "Insufficient Capacity")))
+                    else:
+                        relays.append(second[0])
 
         lifetime = compute_lifetime(msg.get(Attr.LIFETIME), self.config.default_lifetime_s,
                                     self.config.max_lifetime_s)
@@ -480,12 +567,11 @@ class TurnCore:
             five_tuple, sink, auth.username, self.credentials.realm, auth.key, auth.algorithm,
             auth.integrity, relays, now, lifetime, msg.transaction_id,
         )
-        allocation.reservation_token = new_token
         self.allocations[five_tuple] = allocation
         for relay in relays:
             self._by_relay[relay] = allocation
         self._user_counts[auth.username] = self._user_counts.get(auth.username, 0) + 1
-        self._schedule(allocation.expires_at, "allocation", allocation)
+        self._schedule_allocation(allocation)
         family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
         self.stats.allocations_created[(five_tuple[0], family_label)] += 1
 
@@ -502,7 +588,7 @@ class TurnCore:
         return allocation.response
 
     def _advertised(self, address: Address) -> Address:
-        external = self._bound_to_external.get(address[0])
+        external = self.config.external_addresses.get(canonical_ip(address[0]))
         return (external, address[1]) if external else address
 
     # ------------------------------------------------------------------ Refresh
@@ -520,9 +606,8 @@ class TurnCore:
         else:
             lifetime = compute_lifetime(requested, self.config.default_lifetime_s,
                                         self.config.max_lifetime_s)
-            allocation.lifetime_s = lifetime
             allocation.expires_at = now + lifetime
-            self._schedule(allocation.expires_at, "allocation", allocation)
+            self._schedule_allocation(allocation)
         reply = Message(Method.REFRESH, MessageClass.SUCCESS, msg.transaction_id)
         reply.add(Attr.LIFETIME, lifetime)
         return reply
@@ -534,18 +619,18 @@ class TurnCore:
         if family_of(peer[0]) not in allocation.families():
             raise error(443, label="bad_request")  # RFC 8656 §10.2, §12.2
         decision = self.policy.check(peer[0], peer[1] if with_port else None)
-        if not decision.allowed:
+        ip = decision.ip
+        if not decision.allowed or ip is None:
             self.stats.policy_refusals[decision.reason] += 1
             raise error(403, "Peer address not allowed", label="policy")
-        if decision.target is not None:
-            return decision.target
-        return (self._external_to_bound.get(peer[0], peer[0]), peer[1])
+        # The policy's IP: canonical, an external address replaced by its bound relay address.
+        return (ip, peer[1])
 
     def _install_permission(self, allocation: Allocation, ip: str, now: float) -> None:
         expires_at = now + PERMISSION_LIFETIME_S
         allocation.permissions[ip] = expires_at
         allocation.peers_seen.add(ip)
-        self._schedule(expires_at, "permission", (allocation, ip))
+        self._schedule_permission(allocation, ip, expires_at)
 
     def _handle_create_permission(
         self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float
@@ -595,7 +680,7 @@ class TurnCore:
         else:
             channel = bound
             channel.expires_at = expires_at  # RFC 8656 §12.2: a rebind refreshes
-        self._schedule(expires_at, "channel", (allocation, channel))
+        self._schedule_channel(allocation, channel)
         # RFC 8656 §12.2: binding a channel installs or refreshes the permission too.
         self._install_permission(allocation, target[0], now)
         return Message(Method.CHANNEL_BIND, MessageClass.SUCCESS, msg.transaction_id)
@@ -614,17 +699,27 @@ class TurnCore:
         if allocation is None or allocation.expires_at <= now:
             self.stats.dropped["no_allocation"] += 1
             return None
+        if msg.unknown_comprehension_required():
+            # RFC 8489 §6.3.2: discarded, no answer.
+            self.stats.dropped["unknown_attribute"] += 1
+            return None
+        if Attr.DONT_FRAGMENT in msg and not self.relay_ports.supports_dont_fragment():
+            # RFC 8656 §11.2: DONT-FRAGMENT we cannot honour counts as an unknown
+            # comprehension-required attribute, so the indication is discarded.
+            self.stats.dropped["dont_fragment_unsupported"] += 1
+            return None
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         data = msg.get(Attr.DATA)
         if peer is None or data is None:
             self.stats.dropped["bad_indication"] += 1
             return None
         decision = self.policy.check(peer[0], peer[1])
-        if not decision.allowed or decision.target is None:
+        ip = decision.ip
+        if not decision.allowed or ip is None:
             self.stats.policy_refusals[decision.reason] += 1
             self.stats.dropped["policy"] += 1
             return None
-        target = decision.target
+        target = (ip, peer[1])
         if allocation.permissions.get(target[0], 0.0) <= now:
             self.stats.dropped["no_permission"] += 1
             return None
@@ -665,7 +760,7 @@ class TurnCore:
     def handle_peer_data(
         self, relay: RelayEndpoint, data: bytes, peer: Address, now: float
     ) -> tuple[Any, bytes] | None:
-        """RFC 8656 §11.3 / §12.5: a datagram from a peer toward the client."""
+        """RFC 8656 §11.3, §12.7: a datagram from a peer toward the client."""
         allocation = self._by_relay.get(relay)
         if allocation is None or allocation.expires_at <= now:
             self.stats.dropped["no_allocation"] += 1
@@ -674,20 +769,28 @@ class TurnCore:
             # RFC 8656 §11.3: no permission -> silently discarded.
             self.stats.dropped["no_permission"] += 1
             return None
-        allocation.bytes_to_client += len(data)
-        allocation.packets_to_client += 1
+        size = len(data)
         channel = allocation.peer_channels.get(peer)
         if channel is not None and channel.expires_at > now:
-            frame = _CHANNEL_HEADER.pack(channel.number, len(data)) + data
-            if allocation.five_tuple[0] != "udp" and len(data) & 3:
-                frame += b"\x00" * (4 - (len(data) & 3))  # RFC 8656 §12.5: pad on streams
-            return allocation.sink, frame
-        external = self._bound_to_external.get(peer[0])
-        shown = (external, peer[1]) if external else peer
-        indication = Message(Method.DATA, MessageClass.INDICATION)
-        indication.add(Attr.XOR_PEER_ADDRESS, shown)
-        indication.add(Attr.DATA, data)
-        return allocation.sink, encode_message(indication)
+            if size > 0xFFFF:
+                self.stats.dropped["too_big"] += 1
+                return None
+            # RFC 8656 §12.5: padded to a multiple of 4 on TCP and TLS.
+            frame = encode_channel_data(channel.number, data, pad=allocation.five_tuple[0] != "udp",
+                                        max_channel=LEGACY_CHANNEL_MAX)
+        else:
+            external = self.config.external_addresses.get(peer[0])
+            shown = (external, peer[1]) if external else peer
+            if size > _DATA_INDICATION_MAX[family_of(shown[0])]:
+                self.stats.dropped["too_big"] += 1
+                return None
+            indication = Message(Method.DATA, MessageClass.INDICATION, self.random_bytes(12))
+            indication.add(Attr.XOR_PEER_ADDRESS, shown)
+            indication.add(Attr.DATA, data)
+            frame = encode_message(indication)
+        allocation.bytes_to_client += size
+        allocation.packets_to_client += 1
+        return allocation.sink, frame
 
     # ------------------------------------------------------------------ ending allocations
 
@@ -731,6 +834,16 @@ class TurnCore:
         self.stats.allocations_ended[reason] += 1
         if self.on_allocation_end is not None:
             self.on_allocation_end(allocation, reason, now)
+
+
+@functools.lru_cache(maxsize=1024)
+def canonical_ip(text: str) -> str:
+    """One spelling per address, as the peer policy reads them: ipaddress's text form, an
+    IPv4-mapped IPv6 address as the IPv4 address. ``ValueError`` when ``text`` is no IP."""
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
 
 
 def _refusal_reason(exc: TurnError) -> str:

@@ -26,9 +26,12 @@ class CoreStats:
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
         # reason: unknown_user, bad_integrity, stale_nonce, expired_username, bad_request
         self.auth_failures: defaultdict[str, int] = defaultdict(int)
-        # the policy's reason label -> count
+        # the policy's reason label -> count: peers refused in CreatePermission, ChannelBind and
+        # Send, and permissions and channels removed because a reloaded policy refuses them
         self.policy_refusals: defaultdict[str, int] = defaultdict(int)
-        # reason -> count of packets dropped
+        # reason -> count of packets dropped, e.g. malformed, no_permission, policy, too_big
+        # (a peer datagram no Data indication can carry), unknown_attribute and
+        # dont_fragment_unsupported (Send indications RFC 8489 §6.3.2 / RFC 8656 §11.2 discard)
         self.dropped: defaultdict[str, int] = defaultdict(int)
         # (direction "client_to_peer"/"peer_to_client", transport) -> [bytes, packets] of
         # allocations that have ended; live allocations are summed at scrape time.
