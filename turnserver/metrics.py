@@ -47,7 +47,7 @@ AUTH_FAILURE_REASONS = (
 DROP_REASONS = (
     "not_stun", "malformed", "unexpected_indication", "unsolicited_response", "bad_indication",
     "no_allocation", "no_permission", "unbound_channel", "policy", "family_mismatch",
-    "send_failed", "internal_error",
+    "too_big", "unknown_attribute", "dont_fragment_unsupported", "send_failed", "internal_error",
 )
 # Drops that a healthy relay sees all the time (a peer's packet racing its permission, media
 # still in flight when an allocation ends): reported at debug level unless something else moved.

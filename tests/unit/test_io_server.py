@@ -1,5 +1,6 @@
-"""Datagrams the kernel will not take are dropped and counted, never raised; a relay bind
-that fails leaves nothing half-bound behind."""
+"""The I/O layer's edges: datagrams the kernel will not take are dropped and counted, never
+raised; a relay bind that fails leaves nothing half-bound behind; configured addresses are
+canonical before anything compares them."""
 
 from __future__ import annotations
 
@@ -90,3 +91,12 @@ def test_a_failing_reservation_bind_releases_the_first_port() -> None:
         assert pool.open_count == 0
 
     asyncio.run(run())
+
+
+def test_configured_addresses_are_canonicalised() -> None:
+    from turnserver.config import load_config
+    from turnserver.io.server import external_map
+
+    config = load_config(None, env={}, overrides={"relay_addresses": ["2001:DB8:0::1"],
+                                                  "external_addresses": ["2001:DB8:0:0::9=2001:db8::1"]})
+    assert external_map(config, ["2001:db8::1"]) == {"2001:db8::1": "2001:db8::9"}

@@ -1,6 +1,6 @@
 """Methods the server does not offer: RFC 6062's Connect, ConnectionBind and ConnectionAttempt,
-and methods no RFC defines. Requests get 400 (RFC 8656 §6.2), with or without credentials;
-indications are dropped without an answer."""
+and methods no RFC defines. Requests get 400, with or without credentials (RFC 8489 §6.3 would
+allow discarding them; an answer tells the client plainly); indications are dropped."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ turnserver/turn and never sees a socket.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -101,10 +102,16 @@ def external_map(config: Config, relay_addresses: list[str]) -> dict[str, str]:
     for item in config.external_addresses:
         if "=" in item:
             ext, bound = item.split("=", 1)
-            external[bound.strip()] = ext.strip()
+            external[canonical_ip(bound)] = canonical_ip(ext)
         elif relay_addresses:
-            external[relay_addresses[0]] = item.strip()
+            external[relay_addresses[0]] = canonical_ip(item)
     return external
+
+
+def canonical_ip(text: str) -> str:
+    """One spelling per address ("2001:DB8:0::1" -> "2001:db8::1"), as sockets report them,
+    so configured addresses compare equal to what arrives on the wire."""
+    return str(ipaddress.ip_address(text.strip()))
 
 
 def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
@@ -178,7 +185,7 @@ class TurnServer:
     async def start(self) -> None:
         config = self.config
         self.loop = loop = asyncio.get_running_loop()
-        self.state.relay_addresses = list(config.relay_addresses) or detect_relay_addresses()
+        self.state.relay_addresses = [canonical_ip(a) for a in config.relay_addresses] or detect_relay_addresses()
         self.relays = RelayPortPool(
             loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
             self._on_peer_datagram,

@@ -64,9 +64,8 @@ class Allocation:
     """One allocation. ``relays`` holds one endpoint, or two for a dual-stack allocation."""
 
     __slots__ = (
-        "five_tuple", "sink", "username", "realm", "key", "algorithm", "integrity",
-        "relays", "created_at", "expires_at", "transaction_id", "response",
-        "permissions", "channels", "peer_channels", "peers_seen",
+        "five_tuple", "sink", "username", "relays", "created_at", "expires_at", "transaction_id",
+        "response",        "permissions", "channels", "peer_channels", "peers_seen",
         "bytes_to_peer", "packets_to_peer", "bytes_to_client", "packets_to_client",
         "alive", "timer_at", "permission_timers",
     )
@@ -76,10 +75,6 @@ class Allocation:
         five_tuple: FiveTuple,
         sink: Any,
         username: str,
-        realm: str,
-        key: bytes,
-        algorithm: int,
-        integrity: str,
         relays: list[RelayEndpoint],
         created_at: float,
         lifetime_s: int,
@@ -87,11 +82,7 @@ class Allocation:
     ) -> None:
         self.five_tuple = five_tuple
         self.sink = sink  # opaque to the core: the I/O layer's way back to the client
-        self.username = username
-        self.realm = realm
-        self.key = key
-        self.algorithm = algorithm
-        self.integrity = integrity
+        self.username = username  # every later request must authenticate as this user (RFC 8656 §5)
         self.relays = relays
         self.created_at = created_at
         self.expires_at = created_at + lifetime_s

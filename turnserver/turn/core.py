@@ -563,10 +563,7 @@ class TurnCore:
 
         lifetime = compute_lifetime(msg.get(Attr.LIFETIME), self.config.default_lifetime_s,
                                     self.config.max_lifetime_s)
-        allocation = Allocation(
-            five_tuple, sink, auth.username, self.credentials.realm, auth.key, auth.algorithm,
-            auth.integrity, relays, now, lifetime, msg.transaction_id,
-        )
+        allocation = Allocation(five_tuple, sink, auth.username, relays, now, lifetime, msg.transaction_id)
         self.allocations[five_tuple] = allocation
         for relay in relays:
             self._by_relay[relay] = allocation
@@ -849,6 +846,6 @@ def canonical_ip(text: str) -> str:
 def _refusal_reason(exc: TurnError) -> str:
     """Low-cardinality reason for an Allocate that did not succeed."""
     label = exc.label
-    if label in ("auth", "quota", "capacity", "policy", "draining", "mismatch"):
+    if label in ("auth", "quota", "capacity", "draining", "mismatch"):
         return label
     return "bad_request"
