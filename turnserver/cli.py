@@ -10,7 +10,7 @@ import logging
 import os
 import secrets as _secrets
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -24,13 +24,14 @@ from .config import (
     load_config,
     load_secrets,
     overrides_from_click,
+    parse_hostport,
 )
 from .credentials import mint_credentials
 
 log = logging.getLogger("turnd")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"turnd: {message}", err=True)
     sys.exit(code)
 
@@ -41,8 +42,7 @@ def _load(config_path: str | None, kwargs: dict[str, Any]) -> Config:
         config = load_config(config_path, env=os.environ, overrides=overrides_from_click(kwargs))
     except ConfigError as exc:
         _fail(f"configuration has problems:\n{exc}")
-        raise AssertionError("unreachable")
-    problems = check_config(config, env=os.environ)
+    problems = check_config(config)
     if problems:
         _fail("configuration has problems:\n" + "\n".join(str(p) for p in problems))
     return config
@@ -106,10 +106,8 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
         secrets = load_secrets(config, os.environ)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
-        return
     if not secrets:
         _fail(f"no shared secret: set secrets_file (--secrets-file) or the {SECRETS_ENV} environment variable")
-        return
     if not host and not config.public_host:
         from .io.relay import detect_relay_addresses
 
@@ -121,7 +119,6 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
         creds = mint_credentials(secrets[0], user, ttl, host=host, **ports)
     except ValueError as exc:
         _fail(f"--user/--ttl: {exc}")
-        return
     if fmt == "json":
         click.echo(json.dumps(creds.ice_servers(), indent=2))
     elif fmt == "rest":
@@ -149,28 +146,63 @@ def _generated_secret() -> str:
         click.echo("turnd: no secrets_file configured; generated a shared secret for this run:\n"
                    f"  {generated}\n" + how.replace('"$(cat FILE)"', f"'{generated}'"), err=True)
         return generated
+    # systemd's StateDirectory= sets STATE_DIRECTORY (the shipped unit's user has no home).
     directory = os.environ.get("STATE_DIRECTORY") or os.path.expanduser("~")
     path = os.path.join(directory.split(":")[0], "turnd-generated-secret")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(generated + "\n")
+    try:
+        _write_private(path, generated + "\n")
+    except OSError as exc:
+        _fail(f"no secrets_file configured, and the shared secret generated for this run cannot "
+              f"be written to {path}: {exc.strerror or exc}. Set secrets_file (one secret per "
+              f"line) or {SECRETS_ENV}.")
     click.echo(f"turnd: no secrets_file configured; generated a shared secret for this run in {path}\n"
                + how.replace("FILE", path), err=True)
     return generated
 
 
-def _public_ports(config: Config) -> dict[str, int | None]:
-    def first_port(specs: tuple[str, ...]) -> int | None:
-        for spec in specs:
-            return int(spec.rsplit(":", 1)[1])
-        return None
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to a new file at ``path`` that only this user can read.
 
-    udp = first_port(config.listen_udp)
-    return {
-        "udp_port": udp if udp is not None else 3478,
-        "tcp_port": first_port(config.listen_tcp),
-        "tls_port": first_port(config.listen_tls),
-    }
+    Whatever was at ``path`` is removed first rather than truncated, so neither an old file's
+    wider mode nor a symlink planted there carries over; O_EXCL and O_NOFOLLOW refuse anything
+    that appears at ``path`` in between.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # exactly 0600, whatever the umask
+        handle.write(text)
+
+
+def _public_ports(config: Config) -> dict[str, int | None]:
+    """Per transport, the port of its first listener with a fixed port; None for none.
+
+    Port 0 (a port the kernel picks) cannot be put in a URL, so such listeners are skipped.
+    A malformed listener is a configuration error (exit 2).
+    """
+    ports: dict[str, int | None] = {}
+    problems: list[str] = []
+    for key, option, specs in (("udp_port", "listen_udp", config.listen_udp),
+                               ("tcp_port", "listen_tcp", config.listen_tcp),
+                               ("tls_port", "listen_tls", config.listen_tls)):
+        ports[key] = None
+        for spec in specs:
+            try:
+                _, port = parse_hostport(spec, option)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            if port and ports[key] is None:
+                ports[key] = port
+    if problems:
+        _fail("configuration has problems:\n" + "\n".join(problems))
+    if all(port is None for port in ports.values()):
+        _fail("configuration has problems:\nlisten_udp: no listener in listen_udp, listen_tcp or "
+              "listen_tls has a fixed port to put in the URLs")
+    return ports
 
 
 def _register_optional_commands() -> None:

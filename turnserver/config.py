@@ -96,7 +96,6 @@ class Option:
     section: str
     reload: bool
     choices: tuple[str, ...] = ()
-    flag: bool = True
     minimum: float | None = None
     maximum: float | None = None
 
@@ -720,23 +719,17 @@ def _bind_check(address: Address) -> str | None:
     return None
 
 
-def _check_relay(config: Config, listeners: list[_Endpoint],
-                 problems: list[Problem]) -> list[Address]:
+def _check_relay(config: Config, listeners: list[_Endpoint], problems: list[Problem]) -> None:
+    # Each bound is already within 1-65535 (the options' minimum and maximum).
     low, high = config.relay_port_min, config.relay_port_max
-    ranges_ok = True
-    for name, port in (("relay_port_min", low), ("relay_port_max", high)):
-        if not 1 <= port <= 65535:
-            problems.append(Problem(name, f"must be between 1 and 65535, got {port}"))
-            ranges_ok = False
-    if ranges_ok:
-        if low > high:
-            problems.append(Problem("relay_port_min", f"relay_port_min ({low}) is greater than "
-                                                      f"relay_port_max ({high})"))
-            ranges_ok = False
-        elif high - low + 1 < MIN_RELAY_PORTS:
-            problems.append(Problem("relay_port_max",
-                                    f"the relay port range {low}-{high} holds only "
-                                    f"{high - low + 1} ports; at least {MIN_RELAY_PORTS} needed"))
+    range_ok = low <= high
+    if not range_ok:
+        problems.append(Problem("relay_port_min", f"relay_port_min ({low}) is greater than "
+                                                  f"relay_port_max ({high})"))
+    elif high - low + 1 < MIN_RELAY_PORTS:
+        problems.append(Problem("relay_port_max",
+                                f"the relay port range {low}-{high} holds only "
+                                f"{high - low + 1} ports; at least {MIN_RELAY_PORTS} needed"))
     relay: list[Address] = []
     for text in config.relay_addresses:
         try:
@@ -757,7 +750,7 @@ def _check_relay(config: Config, listeners: list[_Endpoint],
             problems.append(Problem("relay_addresses",
                                     f"{text} is not an address of this host ({error})"))
         relay.append(address)
-    if ranges_ok:
+    if range_ok:
         for ep in listeners:
             if not ep.port or not low <= ep.port <= high:
                 continue
@@ -768,7 +761,6 @@ def _check_relay(config: Config, listeners: list[_Endpoint],
                                         f"{ep.text}: port {ep.port} is inside the relay port "
                                         f"range {low}-{high}"))
     _check_external(config, relay, problems)
-    return relay
 
 
 def _check_external(config: Config, relay: list[Address], problems: list[Problem]) -> None:
@@ -952,13 +944,14 @@ def _check_static_users(path: str, problems: list[Problem]) -> None:
         problems.append(Problem("static_users_file", f"{path} lists no users"))
 
 
-def _check_auth(config: Config, env: Mapping[str, str], problems: list[Problem]) -> None:
-    try:
-        load_secrets(config, env)
-        if config.secrets_file is not None and not load_secrets(config, {}):
-            problems.append(Problem("secrets_file", f"{config.secrets_file} holds no secrets"))
-    except ConfigError as exc:
-        problems.extend(exc.problems)
+def _check_auth(config: Config, problems: list[Problem]) -> None:
+    if config.secrets_file is not None:
+        try:
+            # Only the file's own secrets: one in TURND_SECRETS does not fill an empty file.
+            if not load_secrets(config, {}):
+                problems.append(Problem("secrets_file", f"{config.secrets_file} holds no secrets"))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     # No credentials at all is not a problem: `turnd serve` then makes a one-run secret.
     if config.static_users_file is not None:
         _check_static_users(config.static_users_file, problems)
@@ -1008,9 +1001,10 @@ def check_config(config: Config, *, env: Mapping[str, str] | None = None) -> lis
 
     Looks at the file system (certificates, keys, secrets and users files), tries to bind the
     relay addresses (proving they are local; nothing is sent) and looks for port conflicts.
-    ``env`` (default ``os.environ``) supplies TURND_SECRETS.
+    ``env`` is accepted so callers can pass the environment they load secrets from, but no
+    check needs it: TURND_SECRETS is taken as it is, and secrets_file is checked on its own.
     """
-    environ: Mapping[str, str] = os.environ if env is None else env
+    del env
     problems: list[Problem] = []
     for option in OPTIONS:
         message = _validate_field(option, getattr(config, option.name))
@@ -1023,7 +1017,7 @@ def check_config(config: Config, *, env: Mapping[str, str] | None = None) -> lis
     _check_relay(config, listeners, problems)
     _check_tls(config, problems)
     _check_peers(config, problems)
-    _check_auth(config, environ, problems)
+    _check_auth(config, problems)
     _check_operations(config, listeners, problems)
     return problems
 
@@ -1060,7 +1054,7 @@ def _metavar(option: Option) -> str:
 
 
 def click_options(func: F) -> F:
-    """Add one --flag per Option with flag=True; a flag not given arrives as None.
+    """Add one --flag per Option; a flag not given arrives as None.
 
     Values are passed through as text and converted by load_config, so that `turnd check`
     reports every bad flag at once alongside the file's and the environment's problems.
@@ -1068,8 +1062,6 @@ def click_options(func: F) -> F:
     import click
 
     for option in reversed(OPTIONS):  # decorators apply bottom-up; keep registry order in --help
-        if not option.flag:
-            continue
         help_text = f"{option.help} [env: {option.env}]"
         if option.type == "bool":
             dash = option.name.replace("_", "-")
@@ -1090,7 +1082,7 @@ def overrides_from_click(kwargs: Mapping[str, object]) -> dict[str, object]:
     """The option flags actually given on the command line, for load_config(overrides=...)."""
     out: dict[str, object] = {}
     for option in OPTIONS:
-        if not option.flag or option.name not in kwargs:
+        if option.name not in kwargs:
             continue
         value = kwargs[option.name]
         # A repeatable flag not given arrives as (); `--listen-tls ""` arrives as ("",) and
@@ -1241,7 +1233,7 @@ def render_markdown() -> str:
             add(f"- Type: {_doc_type(o)}")
             add(f"- Default: {_doc_default(o)}")
             add(f"- Environment: `{o.env}`")
-            add(f"- Flag: `{o.cli_flag}`" if o.flag else "- Flag: none")
+            add(f"- Flag: `{o.cli_flag}`")
             add("- On SIGHUP: " + ("reloaded" if o.reload else "needs a restart"))
             add("")
     add("## Examples")

@@ -6,7 +6,7 @@ They are plain click commands; turnserver.cli adds them to its group.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -30,7 +30,7 @@ __all__ = ["check", "convert_coturn", "summarize"]
 EXIT_BAD_CONFIG = 2
 
 
-def _fail(problems: list[Problem]) -> None:
+def _fail(problems: list[Problem]) -> NoReturn:
     for problem in problems:
         click.echo(str(problem), err=True)
     raise click.exceptions.Exit(EXIT_BAD_CONFIG)
@@ -88,15 +88,11 @@ def check(config_path: str | None, **flags: Any) -> None:
         config = load_config(config_path, overrides=overrides_from_click(flags))
     except ConfigError as exc:
         _fail(exc.problems)
-        return
     problems = check_config(config)
     if problems:
         _fail(problems)
-    try:
-        secrets_count = len(load_secrets(config, os.environ))
-    except ConfigError as exc:  # pragma: no cover - check_config reports this first
-        _fail(exc.problems)
-        return
+    # check_config has just read secrets_file and found no problem with it.
+    secrets_count = len(load_secrets(config, os.environ))
     click.echo("configuration OK")
     click.echo("  file: " + (_config_file_used(config_path) or "none (built-in defaults, "
                                                                 "environment and flags)"))

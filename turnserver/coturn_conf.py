@@ -12,6 +12,7 @@ points at a file and the note says what to put there.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Callable
@@ -94,7 +95,7 @@ class _State:
     prometheus: bool = False
     prometheus_port: int = _COTURN_PROMETHEUS_PORT
     max_lifetime: int | None = None
-    alternates: list[str] = field(default_factory=list)
+    alternate: str | None = None
     values: dict[str, object] = field(default_factory=dict)
     allowed: list[str] = field(default_factory=list)
     denied: list[str] = field(default_factory=list)
@@ -193,18 +194,28 @@ def _needs_value(handler: Handler) -> Handler:
     return wrapped
 
 
-@_needs_value
-def _listening_port(state: _State, line: CoturnLine) -> None:
-    port = _int(state, line, 1, 65535)
-    if port is not None:
-        state.listening_port = port
+_STATE_FIELDS = frozenset(f.name for f in dataclasses.fields(_State))
+_PORT = (1, 65535)
+_COUNT = (0, 2**31 - 1)
 
 
-@_needs_value
-def _tls_listening_port(state: _State, line: CoturnLine) -> None:
-    port = _int(state, line, 1, 65535)
-    if port is not None:
-        state.tls_port = port
+def _integer(target: str, bounds: tuple[int, int]) -> Handler:
+    """An integer option within ``bounds``, stored as the turnd option ``target`` or, when
+    _finish combines it with other lines, in the _State field ``target``."""
+    to_option = target in OPTIONS_BY_NAME
+    if not to_option and target not in _STATE_FIELDS:  # pragma: no cover - a typo here
+        raise AssertionError(f"{target} is neither a turnd option nor a _State field")
+
+    @_needs_value
+    def handler(state: _State, line: CoturnLine) -> None:
+        value = _int(state, line, *bounds)
+        if value is None:
+            return
+        if to_option:
+            state.values[target] = value
+        else:
+            setattr(state, target, value)
+    return handler
 
 
 @_needs_value
@@ -243,24 +254,6 @@ def _external_ip(state: _State, line: CoturnLine) -> None:
                            "carried over")
         return
     state.external.append(f"{public}={private}")
-
-
-def _port_option(name: str) -> Handler:
-    @_needs_value
-    def handler(state: _State, line: CoturnLine) -> None:
-        port = _int(state, line, 1, 65535)
-        if port is not None:
-            state.values[name] = port
-    return handler
-
-
-def _count_option(name: str) -> Handler:
-    @_needs_value
-    def handler(state: _State, line: CoturnLine) -> None:
-        value = _int(state, line, 0, 2**31 - 1)
-        if value is not None:
-            state.values[name] = value
-    return handler
 
 
 @_needs_value
@@ -313,13 +306,6 @@ def _flag_into(attribute: str) -> Handler:
     return handler
 
 
-@_needs_value
-def _max_allocate_lifetime(state: _State, line: CoturnLine) -> None:
-    value = _int(state, line, 1, 2**31 - 1)
-    if value is not None:
-        state.max_lifetime = value
-
-
 def _stale_nonce(state: _State, line: CoturnLine) -> None:
     if line.value is None:
         state.values["nonce_lifetime_s"] = _COTURN_STALE_NONCE_S
@@ -346,13 +332,6 @@ def _prometheus(state: _State, line: CoturnLine) -> None:
     state.prometheus = _flag_on(line)
 
 
-@_needs_value
-def _prometheus_port(state: _State, line: CoturnLine) -> None:
-    port = _int(state, line, 1, 65535)
-    if port is not None:
-        state.prometheus_port = port
-
-
 def _verbose(level: str) -> Handler:
     def handler(state: _State, line: CoturnLine) -> None:
         if _flag_on(line):
@@ -371,11 +350,11 @@ def _alternate_server(state: _State, line: CoturnLine) -> None:
     if converted is None:
         _note(state, line, "not \"ip[:port]\"; not carried over")
         return
-    if state.alternates:
+    if state.alternate is not None:
         _note(state, line, "turnd has a single alternate_server; only the first is carried "
                            "over")
         return
-    state.alternates.append(converted)
+    state.alternate = converted
     _note(state, line, f"carried over as alternate_server = \"{converted}\", but coturn "
                        "redirected every Allocate to its alternate servers while turnd sends "
                        "300 Try Alternate only while draining", show_value=False)
@@ -414,8 +393,8 @@ _THREADS = "turnd runs one event loop per process and has no thread pool"
 
 _HANDLERS: dict[str, Handler] = {
     # listeners
-    "listening-port": _listening_port,
-    "tls-listening-port": _tls_listening_port,
+    "listening-port": _integer("listening_port", _PORT),
+    "tls-listening-port": _integer("tls_port", _PORT),
     "listening-ip": _listening_ip,
     "no-udp": _flag_into("no_udp"),
     "no-tcp": _flag_into("no_tcp"),
@@ -430,8 +409,8 @@ _HANDLERS: dict[str, Handler] = {
     # relay
     "relay-ip": _relay_ip,
     "external-ip": _external_ip,
-    "min-port": _port_option("relay_port_min"),
-    "max-port": _port_option("relay_port_max"),
+    "min-port": _integer("relay_port_min", _PORT),
+    "max-port": _integer("relay_port_max", _PORT),
     "relay-device": _explain("turnd binds addresses, not devices; use relay_addresses"),
     "relay-threads": _explain(_THREADS),
     "general-threads": _explain(_THREADS),
@@ -484,9 +463,9 @@ _HANDLERS: dict[str, Handler] = {
     "no-loopback-peers": _ignore,  # built-in denial in turnd's peer policy.
     "allow-loopback-peers": _allow_loopback_peers,
     # limits
-    "total-quota": _count_option("max_allocations"),
-    "user-quota": _count_option("user_quota"),
-    "max-allocate-lifetime": _max_allocate_lifetime,
+    "total-quota": _integer("max_allocations", _COUNT),
+    "user-quota": _integer("user_quota", _COUNT),
+    "max-allocate-lifetime": _integer("max_lifetime", (1, 2**31 - 1)),
     "channel-lifetime": _explain("fixed by RFC 8656 §12 at 600 s"),
     "permission-lifetime": _explain("fixed by RFC 8656 §9 at 300 s"),
     "max-bps": _explain("no bandwidth limits; shape traffic outside turnd"),
@@ -500,7 +479,7 @@ _HANDLERS: dict[str, Handler] = {
     "response-origin-only-with-rfc5780": _ignore,
     # observability
     "prometheus": _prometheus,
-    "prometheus-port": _prometheus_port,
+    "prometheus-port": _integer("prometheus_port", _PORT),
     "prometheus-username-labels": _explain("metrics never carry usernames (cardinality and "
                                            "privacy)"),
     "verbose": _verbose("info"),
@@ -606,8 +585,8 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
                            f"is 0.0.0.0:{state.prometheus_port} to match; narrow it if the "
                            "scraper is local. turnd's metric names (turn_*) differ from "
                            "coturn's")
-    if state.alternates:
-        values["alternate_server"] = state.alternates[0]
+    if state.alternate is not None:
+        values["alternate_server"] = state.alternate
     return values
 
 

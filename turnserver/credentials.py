@@ -78,7 +78,7 @@ def mint_credentials(
     ttl_s: int = 86400,
     *,
     host: str | None = None,
-    udp_port: int = 3478,
+    udp_port: int | None = 3478,
     tcp_port: int | None = 3478,
     tls_port: int | None = 5349,
     now: float | None = None,
@@ -113,7 +113,7 @@ def mint_credentials(
 
 def build_urls(
     host: str,
-    udp_port: int = 3478,
+    udp_port: int | None = 3478,
     tcp_port: int | None = 3478,
     tls_port: int | None = 5349,
 ) -> list[str]:
@@ -121,11 +121,14 @@ def build_urls(
 
     ``stun:`` and ``turn:...?transport=udp`` on ``udp_port``, ``turn:...?transport=tcp``
     on ``tcp_port`` and ``turns:...?transport=tcp`` on ``tls_port`` (each omitted
-    when its port is None).  IPv6 literals are bracketed.
+    when its port is None; with no ``udp_port`` there is no ``stun:`` URL either).
+    IPv6 literals are bracketed.
     """
     h = _url_host(host)
-    udp = _port("udp_port", udp_port)
-    urls = [f"stun:{h}:{udp}", f"turn:{h}:{udp}?transport=udp"]
+    urls: list[str] = []
+    if udp_port is not None:
+        udp = _port("udp_port", udp_port)
+        urls += [f"stun:{h}:{udp}", f"turn:{h}:{udp}?transport=udp"]
     if tcp_port is not None:
         urls.append(f"turn:{h}:{_port('tcp_port', tcp_port)}?transport=tcp")
     if tls_port is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -113,3 +115,93 @@ def test_serve_writes_a_generated_secret_to_a_private_file_when_not_on_a_termina
     assert secret_file.stat().st_mode & 0o077 == 0
     assert secret not in err and secret not in out
     assert str(secret_file) in err
+
+
+def _generate_in(directory, monkeypatch) -> tuple[str, str]:
+    """_generated_secret as under systemd: stderr not a terminal, STATE_DIRECTORY set."""
+    from turnserver import cli
+
+    stderr = io.StringIO()
+    monkeypatch.setenv("STATE_DIRECTORY", str(directory))
+    monkeypatch.setattr(sys, "stderr", stderr)
+    return cli._generated_secret(), stderr.getvalue()
+
+
+def test_generated_secret_replaces_a_world_readable_file_with_a_private_one(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "turnd-generated-secret"
+    path.write_text("an older secret\n")
+    path.chmod(0o644)
+    secret, err = _generate_in(tmp_path, monkeypatch)
+    assert path.read_text() == secret + "\n"
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+    assert secret not in err and str(path) in err
+
+
+def test_generated_secret_does_not_follow_a_symlink(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("not turnd's\n")
+    target.chmod(0o644)
+    path = tmp_path / "turnd-generated-secret"
+    path.symlink_to(target)
+    secret, _ = _generate_in(tmp_path, monkeypatch)
+    assert target.read_text() == "not turnd's\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert not path.is_symlink()
+    assert path.read_text() == secret + "\n"
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+
+
+def test_serve_without_a_writable_place_for_a_generated_secret_names_secrets_file(tmp_path) -> None:
+    # The systemd unit's user has no home; without StateDirectory= there is nowhere to write.
+    env = {k: v for k, v in os.environ.items() if k not in ("TURND_SECRETS", "STATE_DIRECTORY")}
+    env["HOME"] = str(tmp_path / "no-such-home")
+    result = subprocess.run(
+        [sys.executable, "-m", "turnserver", "serve", "--listen-udp", "127.0.0.1:0", "--listen-tcp", "",
+         "--listen-tls", "", "--relay-addresses", "127.0.0.1", "--metrics-listen", ""],
+        capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "secrets_file" in result.stderr and str(tmp_path / "no-such-home") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _mint_with_listeners(tmp_path, toml: str, env: dict[str, str] | None = None):
+    config = tmp_path / "turnd.toml"
+    config.write_text('public_host = "relay.example.net"\n' + toml)
+    return CliRunner().invoke(main, ["mint", "--user", "c", "--config", str(config), "--format", "plain"],
+                              env={"TURND_SECRETS": SECRET, **(env or {})})
+
+
+def _urls(result) -> list[str]:
+    return [line.removeprefix("URL=") for line in result.stdout.splitlines() if line.startswith("URL=")]
+
+
+def test_mint_reports_a_listener_without_a_port_as_a_configuration_error(tmp_path) -> None:
+    result = _mint_with_listeners(tmp_path, "", {"TURND_LISTEN_UDP": "3478"})
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "configuration has problems" in result.stderr
+    assert "listen_udp" in result.stderr and "'3478'" in result.stderr
+
+
+def test_mint_lists_no_udp_or_stun_urls_without_a_udp_listener(tmp_path) -> None:
+    result = _mint_with_listeners(tmp_path, 'listen_udp = []\nlisten_tcp = ["0.0.0.0:3478"]\n'
+                                            'listen_tls = ["0.0.0.0:5349"]\n')
+    assert result.exit_code == 0, result.output
+    assert _urls(result) == ["turn:relay.example.net:3478?transport=tcp",
+                             "turns:relay.example.net:5349?transport=tcp"]
+
+
+def test_mint_skips_listeners_on_port_zero(tmp_path) -> None:
+    result = _mint_with_listeners(tmp_path, 'listen_udp = ["127.0.0.1:0", "0.0.0.0:3479"]\n'
+                                            'listen_tcp = ["0.0.0.0:0"]\nlisten_tls = []\n')
+    assert result.exit_code == 0, result.output
+    assert _urls(result) == ["stun:relay.example.net:3479", "turn:relay.example.net:3479?transport=udp"]
+
+
+def test_mint_with_no_fixed_listener_port_is_a_configuration_error(tmp_path) -> None:
+    result = _mint_with_listeners(tmp_path, 'listen_udp = ["127.0.0.1:0"]\nlisten_tcp = []\nlisten_tls = []\n')
+    assert result.exit_code == 2
+    assert "configuration has problems" in result.stderr and "listen_udp" in result.stderr
+    assert "URL=" not in result.stdout

@@ -184,8 +184,39 @@ def test_alternate_server(tmp_path: Path) -> None:
                                "alternate-server=[2001:db8::9]:3479\n")
     assert load(tmp_path, toml_text).alternate_server == "198.51.100.9:3478"
     assert len(notes_about(notes, "alternate-server")) == 2
+    assert "only the first is carried over" in notes_about(notes, "alternate-server")[1]
     toml_text, _ = convert("alternate-server=[2001:db8::9]:3479\n")
     assert load(tmp_path, toml_text).alternate_server == "[2001:db8::9]:3479"
+
+
+# Every integer option: its bounds, and where a good value lands.
+_TLS = "cert=/c.pem\npkey=/k.pem\n"
+INTEGER_OPTIONS = [
+    ("listening-port", 1, 65535, "", 3479, lambda c: c.listen_udp[0], "0.0.0.0:3479"),
+    ("tls-listening-port", 1, 65535, _TLS, 5350, lambda c: c.listen_tls[0], "0.0.0.0:5350"),
+    ("min-port", 1, 65535, "", 50000, lambda c: c.relay_port_min, 50000),
+    ("max-port", 1, 65535, "", 60000, lambda c: c.relay_port_max, 60000),
+    ("total-quota", 0, 2**31 - 1, "", 10, lambda c: c.max_allocations, 10),
+    ("user-quota", 0, 2**31 - 1, "", 5, lambda c: c.user_quota, 5),
+    ("max-allocate-lifetime", 1, 2**31 - 1, "", 7200, lambda c: c.max_lifetime_s, 7200),
+    ("prometheus-port", 1, 65535, "prometheus\n", 9100, lambda c: c.metrics_listen,
+     "0.0.0.0:9100"),
+]
+
+
+@pytest.mark.parametrize("key,low,high,prefix,good,read,expected", INTEGER_OPTIONS)
+def test_integer_options_within_their_bounds(tmp_path: Path, key: str, low: int, high: int,
+                                            prefix: str, good: int, read, expected) -> None:
+    assert read(load(tmp_path, convert(f"{prefix}{key}={good}\n")[0])) == expected
+    default = read(load(tmp_path, convert(prefix)[0]))
+    line = prefix.count("\n") + 1
+    for bad in (low - 1, high + 1):
+        toml_text, notes = convert(f"{prefix}{key}={bad}\n")
+        assert notes_about(notes, key) == [f"line {line}: {key}={bad}: outside {low}-{high}; "
+                                           "not carried over"]
+        assert read(load(tmp_path, toml_text)) == default
+    _, notes = convert(f"{prefix}{key}\n")
+    assert notes_about(notes, key) == [f"line {line}: {key}: needs a value; ignored"]
 
 
 def test_static_users_are_pointed_at_not_copied(tmp_path: Path) -> None:

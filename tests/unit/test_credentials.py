@@ -82,6 +82,19 @@ def test_urls_without_tls() -> None:
     ]
 
 
+def test_urls_without_udp_have_no_stun_or_udp_turn_url() -> None:
+    assert build_urls("turn.example.com", udp_port=None) == [
+        "turn:turn.example.com:3478?transport=tcp",
+        "turns:turn.example.com:5349?transport=tcp",
+    ]
+    creds = mint_credentials(SECRET, "alice", now=NOW, host="turn.example.com", udp_port=None,
+                             tcp_port=None)
+    assert creds.urls == ["turns:turn.example.com:5349?transport=tcp"]
+    assert creds.ice_servers()["iceServers"] == [
+        {"urls": creds.urls, "username": creds.username, "credential": creds.password}
+    ]
+
+
 @pytest.mark.parametrize("host", ["2001:db8::1", "[2001:db8::1]", "2001:DB8:0:0:0:0:0:1"])
 def test_urls_for_ipv6_are_bracketed(host: str) -> None:
     assert build_urls(host, tcp_port=None, tls_port=None) == [

@@ -99,6 +99,13 @@ def test_runs_as_dedicated_non_root_user(service: dict[str, list[str]]) -> None:
     assert _last(service, "Group") not in ("", "root", "0")
 
 
+def test_state_directory_holds_a_generated_secret(service: dict[str, list[str]]) -> None:
+    # The user has no home and ProtectSystem=strict leaves nothing else writable: a shared
+    # secret turnd generates for a run (no secrets_file) goes to $STATE_DIRECTORY.
+    assert _last(service, "StateDirectory") == "turnd"
+    assert int(service.get("StateDirectoryMode", ["0755"])[-1], 8) & 0o077 == 0
+
+
 def test_file_descriptor_limit_covers_relay_port_range(service: dict[str, list[str]]) -> None:
     soft, _, hard = _last(service, "LimitNOFILE").partition(":")
     assert int(soft) >= 65536
