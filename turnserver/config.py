@@ -996,15 +996,12 @@ def _check_operations(config: Config, listeners: list[_Endpoint],
                                             f"{other.text}"))
 
 
-def check_config(config: Config, *, env: Mapping[str, str] | None = None) -> list[Problem]:
+def check_config(config: Config) -> list[Problem]:
     """Every problem with ``config`` that can be found without starting the server.
 
     Looks at the file system (certificates, keys, secrets and users files), tries to bind the
     relay addresses (proving they are local; nothing is sent) and looks for port conflicts.
-    ``env`` is accepted so callers can pass the environment they load secrets from, but no
-    check needs it: TURND_SECRETS is taken as it is, and secrets_file is checked on its own.
     """
-    del env
     problems: list[Problem] = []
     for option in OPTIONS:
         message = _validate_field(option, getattr(config, option.name))

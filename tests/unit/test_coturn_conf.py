@@ -160,7 +160,7 @@ def test_allow_loopback_peers_warns(tmp_path: Path) -> None:
 def test_short_max_allocate_lifetime_lowers_the_default(tmp_path: Path) -> None:
     config = load(tmp_path, convert("max-allocate-lifetime=300\n")[0])
     assert (config.default_lifetime_s, config.max_lifetime_s) == (300, 300)
-    assert cfg.check_config(config, env={}) == []
+    assert cfg.check_config(config) == []
 
 
 def test_stale_nonce_bare_and_valued(tmp_path: Path) -> None:

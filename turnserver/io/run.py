@@ -64,7 +64,7 @@ def settings_loader(config_path: str | None, overrides: Mapping[str, object], *,
 
     def load() -> Settings:
         config = load_config(config_path, env=environ, overrides=fixed_overrides)
-        problems = check_config(config, env=environ)
+        problems = check_config(config)
         if problems:
             raise ConfigError(problems)
         secrets = load_secrets(config, environ)
