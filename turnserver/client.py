@@ -51,6 +51,7 @@ from .stun import (
 from .stun.channel_data import CHANNEL_MAX, CHANNEL_MIN
 from .stun.errors import FramingError
 from .turn.core import REQUESTED_TRANSPORT_UDP
+from .turn.errors import REASONS
 
 __all__ = [
     "ALPN_STUN_TURN",
@@ -764,7 +765,9 @@ class TurnClient:
 def _error_of(response: Message) -> tuple[int, str]:
     value = response.get(Attr.ERROR_CODE)
     if isinstance(value, tuple) and len(value) == 2:
-        return int(value[0]), str(value[1])
+        code = int(value[0])
+        # Servers may leave the reason phrase out (turnd does on unauthenticated answers).
+        return code, str(value[1]) or REASONS.get(code, "")
     return 0, "error response without ERROR-CODE"
 
 

@@ -179,12 +179,37 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_lifetime_s", "int", 3600,
            "Longest allocation lifetime granted per Allocate or Refresh (RFC 8656 §7.2 "
            "recommends 3600 s).", "limits", reload=True, minimum=1),
-    Option("max_allocations", "int", 0,
-           "Most allocations at once over all users; 0: limited only by the relay port range.",
+    Option("max_allocations", "int", 10000,
+           "Most allocations at once over all users, EVEN-PORT reservations included (508 "
+           "Insufficient Capacity beyond); 0: limited only by the relay port range.",
            "limits", reload=True, minimum=0),
-    Option("user_quota", "int", 0,
-           "Most allocations at once per username (486 Allocation Quota Reached beyond); "
+    Option("user_quota", "int", 32,
+           "Most allocations at once per user, EVEN-PORT reservations included (486 Allocation "
+           "Quota Reached beyond). A REST username counts by its user part, so "
+           "\"1700000000:alice\" and \"1700086400:alice\" share alice's quota (as in coturn); a "
+           "static user by its name. Mint a distinct user part per user, or raise this for a "
+           "shared one. 0: unlimited.", "limits", reload=True, minimum=0),
+    Option("max_permissions_per_allocation", "int", 128,
+           "Most peer IP permissions one allocation holds at once (508 to CreatePermission and "
+           "ChannelBind beyond); 0: unlimited.", "limits", reload=True, minimum=0),
+    Option("max_channels_per_allocation", "int", 64,
+           "Most channels one allocation has bound at once (508 to ChannelBind beyond); "
            "0: unlimited.", "limits", reload=True, minimum=0),
+    Option("allocation_bandwidth_bytes_s", "int", 625000,
+           "Bytes per second one allocation relays in each direction (625000 = 5 Mbit/s, "
+           "room for HD video); a burst of one second's worth, then excess is dropped and "
+           "counted. 0: unlimited.", "limits", reload=True, minimum=0),
+    Option("server_bandwidth_bytes_s", "int", 0,
+           "Bytes per second the whole server relays in each direction; excess is dropped "
+           "and counted. 0: unlimited (the host's link is the limit).", "limits",
+           reload=True, minimum=0),
+    Option("challenge_rate_per_source", "float", 40.0,
+           "Unauthenticated answers (401, 438, and 400/420 before authentication) per second "
+           "to one source address; beyond, requests are dropped unanswered, so the server is "
+           "no reflector. 0: not limited.", "limits", reload=True, minimum=0),
+    Option("challenge_burst_per_source", "int", 40,
+           "Unauthenticated answers one source address may get in a burst before "
+           "challenge_rate_per_source applies.", "limits", reload=True, minimum=1),
     Option("legacy_channel_numbers", "bool", False,
            "Also accept ChannelBind numbers 0x5000-0x7FFF, the RFC 5766 range that older clients "
            "(coturn's turnutils_uclient among them) still use; RFC 8656 §12 reserves them.",
@@ -192,6 +217,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_connections", "int", 4096,
            "Most TCP and TLS client connections at once; further connections are closed "
            "at accept.", "limits", reload=True, minimum=1),
+    Option("max_connections_per_source", "int", 256,
+           "Most TCP and TLS connections at once from one source address (one /64 for "
+           "IPv6); further connections are reset at accept. Generous, since a hospital or "
+           "office NAT puts many callers behind one address. 0: unlimited.", "limits",
+           reload=True, minimum=0),
     Option("stream_idle_timeout_s", "float", 30.0,
            "Seconds a TCP/TLS connection may stay open without an allocation before it is "
            "closed.", "limits", reload=True, minimum=0.01),
@@ -201,6 +231,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("stream_write_buffer_bytes", "int", 262144,
            "Bytes queued per TCP/TLS connection toward a slow client; media beyond this is "
            "dropped rather than buffered without bound.", "limits", reload=True, minimum=1024),
+    Option("stream_unallocated_write_buffer_bytes", "int", 8192,
+           "Bytes of replies queued toward a TCP/TLS client that has no allocation yet; "
+           "beyond, the server stops reading from it until it reads its replies.", "limits",
+           reload=True, minimum=512),
     # -- observability ----------------------------------------------------------------------------
     Option("metrics_listen", "str", "127.0.0.1:9641",
            "\"host:port\" of the Prometheus /metrics endpoint; \"\" disables it.",
@@ -256,13 +290,21 @@ class Config:
     # limits
     default_lifetime_s: int = 600
     max_lifetime_s: int = 3600
-    max_allocations: int = 0
-    user_quota: int = 0
+    max_allocations: int = 10000
+    user_quota: int = 32
+    max_permissions_per_allocation: int = 128
+    max_channels_per_allocation: int = 64
+    allocation_bandwidth_bytes_s: int = 625000
+    server_bandwidth_bytes_s: int = 0
+    challenge_rate_per_source: float = 40.0
+    challenge_burst_per_source: int = 40
     legacy_channel_numbers: bool = False
     max_connections: int = 4096
+    max_connections_per_source: int = 256
     stream_idle_timeout_s: float = 30.0
     tls_handshake_timeout_s: float = 10.0
     stream_write_buffer_bytes: int = 262144
+    stream_unallocated_write_buffer_bytes: int = 8192
     # observability
     metrics_listen: str = "127.0.0.1:9641"
     log_level: str = "info"

@@ -468,8 +468,9 @@ _HANDLERS: dict[str, Handler] = {
     "max-allocate-lifetime": _integer("max_lifetime", (1, 2**31 - 1)),
     "channel-lifetime": _explain("fixed by RFC 8656 §12 at 600 s"),
     "permission-lifetime": _explain("fixed by RFC 8656 §9 at 300 s"),
-    "max-bps": _explain("no bandwidth limits; shape traffic outside turnd"),
-    "bps-capacity": _explain("no bandwidth limits; shape traffic outside turnd"),
+    # coturn's max-bps: bytes per second per session, each direction apart; as turnd's.
+    "max-bps": _integer("allocation_bandwidth_bytes_s", _COUNT),
+    "bps-capacity": _integer("server_bandwidth_bytes_s", _COUNT),
     "max-allocate-timeout": _explain("not configurable"),
     "stun-only": _explain("turnd always serves TURN; leave credentials unset to refuse "
                           "Allocates"),

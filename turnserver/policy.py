@@ -8,27 +8,39 @@ server; this module refuses every non-global range by default.
 
 The decision order, first match wins:
 
-1. Own listeners and own non-relay ports: a peer that is one of the server's own
-   addresses (relay, external, or listening) on a listening port or outside the
-   relay port range is refused as ``own_port``, even if an allow CIDR covers it.
-2. Own relay addresses (and external addresses, mapped 1:1 to their bound relay
-   address) are allowed: two clients of the same server must reach each other.
-3. Allow CIDRs, then deny CIDRs, then the default refusals.
+1. The server's own listening ports (and the metrics port) are never reachable: a
+   peer that is one of this host's addresses on such a port is refused as
+   ``own_port``, whatever the CIDR lists say. "This host's addresses" are the
+   relay, external and listening addresses, every address of the host's
+   interfaces (a wildcard listener receives on all of them), all of 127.0.0.0/8,
+   ::1 and the unspecified addresses.
+2. An allow CIDR that covers the address wins over the own-address rules below:
+   an operator who runs an SFU on the relay host (a videobridge on :10000, say)
+   allows that address and reaches it on any other port.
+3. Own relay addresses (and external addresses, mapped 1:1 to their bound relay
+   address) are reachable only on relay ports the server holds at that moment:
+   two clients of the same server must reach each other, but another service in
+   the relay port range (WireGuard on 51820, say) must not be reached with the
+   server's address as source. Other addresses of this host are refused
+   (``own_address``).
+4. Allow CIDRs, then deny CIDRs, then the default refusals.
 
 IPv4 written in IPv6 form (IPv4-mapped, IPv4-compatible, IPv4-translated,
 NAT64, 6to4, Teredo) is judged as the IPv4 address(es) it carries, so
 ``::ffff:127.0.0.1`` is loopback, not "some IPv6 address".
 
 Decisions are pure functions of (ip, port) and the configuration, so they are
-cached: the check runs for every Send indication and ChannelData message.
+cached: the check runs for every Send indication. The one part that is not, whether
+the server holds a relay port right now, is asked of ``port_held`` after the cache
+(``PeerDecision.held_check``).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 __all__ = ["PeerDecision", "PeerPolicy", "PolicyConfigError"]
@@ -49,6 +61,9 @@ class PeerDecision:
     # The IP to relay to, in canonical text form: an external address is replaced by the
     # relay address it maps to (1:1 NAT). Given with or without a port; None when refused.
     ip: str | None
+    # The own relay address whose port must be held for this to stay allowed (None: no
+    # such condition). PeerPolicy.check asks port_held; the ChannelData path asks per packet.
+    held_check: str | None = field(default=None, compare=False)
 
 
 # (version, address as int) identifies an address without re-parsing it.
@@ -214,6 +229,8 @@ class PeerPolicy:
         external_addresses: Mapping[str, str] = MappingProxyType({}),
         relay_port_range: tuple[int, int] = (49152, 65535),
         listening: Iterable[tuple[str, int]] = (),
+        host_addresses: Iterable[str] = (),
+        port_held: Callable[[str, int], bool] | None = None,
         cache_size: int = _DEFAULT_CACHE_SIZE,
     ) -> None:
         self._allow = _parse_cidrs("allowed_peers", allow)
@@ -265,14 +282,23 @@ class PeerPolicy:
                 listening_exact.add((key[0], key[1], port))
                 listen_ips.add(key)
 
+        host: set[_Key] = set(_ALWAYS_HOST)
+        for value in host_addresses:
+            try:
+                host.add(_parse_key(value))
+            except ValueError:
+                continue  # an interface address we cannot use (a scoped link-local one)
+
         self._own = frozenset(own)
         self._external = MappingProxyType(external)
-        # Addresses that are this host: never reached on a listening port or
-        # outside the relay range.  A listening-only address is guarded but not
-        # "own" for the allow side, since its relay-range ports are not ours.
-        self._guarded = frozenset(own | listen_ips | set(external))
+        # Addresses that are this host: never reached on a listening port, and reached at
+        # all only as a relay address on a held port or when an allow CIDR names them.
+        self._host = frozenset(own | listen_ips | set(external) | host)
         self._listening_exact = frozenset(listening_exact)
         self._wildcard_ports = frozenset(wildcard_ports)
+        # Without a pool to ask (unit tests of the policy alone), every port in the relay
+        # range counts as held.
+        self._port_held = port_held
         self._cached = functools.lru_cache(maxsize=cache_size)(self._decide)
 
     @property
@@ -285,7 +311,25 @@ class PeerPolicy:
         ``port=None`` is for CreatePermission, which installs permissions by IP
         only (RFC 8656 §9).
         """
-        return self._cached(ip, port)
+        decision = self._cached(ip, port)
+        if decision.held_check is not None and port is not None and not self.port_held(
+                decision.held_check, port):
+            return _refuse("own_port")
+        return decision
+
+    def port_held(self, ip: str | None, port: int) -> bool:
+        """Whether the server holds relay port ``port`` on its relay address ``ip`` now."""
+        held = self._port_held
+        if held is None:
+            return self._port_lo <= port <= self._port_hi
+        return ip is not None and held(ip, port)
+
+    def is_host_address(self, ip: str) -> bool:
+        """Whether ``ip`` is one of this host's addresses as the policy knows them."""
+        try:
+            return _is_host(self._host, _parse_key(ip))
+        except ValueError:
+            return False
 
     def cache_info(self) -> functools._CacheInfo:
         return self._cached.cache_info()
@@ -305,22 +349,37 @@ class PeerPolicy:
         embedded = _embedded_v4(key[1]) if key[0] == 6 else ()
         embedded_keys = [self._external.get((4, v4), (4, v4)) for v4 in embedded]
 
-        # Step 1: never into the server's own listeners or its non-relay ports.
+        keys = (primary, *embedded_keys)
+        host = self._host
+        is_host = [k for k in keys if _is_host(host, k)]
+        # Step 1: never into the server's own listening (or metrics) ports.
         if port is not None:
-            in_range = self._port_lo <= port <= self._port_hi
-            for k in (primary, *embedded_keys):
-                if k in self._guarded and (
-                    not in_range or port in self._wildcard_ports or (k[0], k[1], port) in self._listening_exact
-                ):
+            for k in is_host:
+                if port in self._wildcard_ports or (k[0], k[1], port) in self._listening_exact:
                     return _refuse("own_port")
 
-        # Step 2: own relay addresses; an external address goes to its bound one.
-        if primary in self._own:
-            return _allow(_key_str(primary))
-        if any(k in self._own for k in embedded_keys):
-            return _allow(str(addr))
+        if is_host:
+            ip_text = _key_str(primary) if primary in self._own else str(addr)
+            # Step 2: an allow CIDR that names the address (each host address it carries)
+            # wins over the own-address rules.
+            covered = _matches(self._allow, key) or (bool(embedded) and all(
+                _matches(self._allow, (4, v4)) for v4 in embedded if _is_host(host, (4, v4))))
+            if covered and self._judge(key, embedded) is None:
+                return _allow(ip_text)
+            # Step 3: own relay addresses, on relay ports held at the time of the check.
+            own = primary if primary in self._own else next(
+                (k for k in embedded_keys if k in self._own), None)
+            if own is not None:
+                if port is None:
+                    return _allow(ip_text)
+                if not self._port_lo <= port <= self._port_hi:
+                    return _refuse("own_port")
+                return PeerDecision(True, "ok", ip_text, held_check=_key_str(own))
+            # Another address of this host: refused, under the default reason when there is
+            # one (loopback, private), else as own_address (a second public NIC, say).
+            return _refuse(self._judge(key, embedded) or "own_address")
 
-        # Step 3: operator CIDRs, then the defaults.
+        # Step 4: operator CIDRs, then the defaults.
         reason = self._judge(key, embedded)
         if reason is None:
             return _allow(str(addr))
@@ -344,6 +403,15 @@ class PeerPolicy:
         if _matches(self._deny, key):
             return "denied_cidr"
         return _classify(key[0], key[1])
+
+
+# Always this host, whatever the interfaces say: all of 127.0.0.0/8 is local on Linux, and
+# the unspecified addresses mean "this host" as a destination.
+_ALWAYS_HOST: frozenset[_Key] = frozenset({(4, 0), (6, 0), (6, 1)})
+
+
+def _is_host(host: frozenset[_Key], key: _Key) -> bool:
+    return key in host or (key[0] == 4 and key[1] >> 24 == 127)
 
 
 def _matches(cidrs: tuple[tuple[int, int, int], ...], key: _Key) -> bool:

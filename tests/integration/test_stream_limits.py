@@ -163,7 +163,9 @@ def test_idle_and_silent_connections_are_closed_after_their_timeouts(
 def test_a_client_that_never_reads_costs_bounded_memory(server_factory: Callable[..., RunningServer],
                                                         transport: str) -> None:
     limit = 65536
-    server = server_factory(stream_write_buffer_bytes=limit, log_format="json", **STREAM_OPTIONS)
+    # No bandwidth cap: the flood must reach the stream layer, whose drops are under test.
+    server = server_factory(stream_write_buffer_bytes=limit, log_format="json",
+                            allocation_bandwidth_bytes_s=0, **STREAM_OPTIONS)
     # A small receive window, so the kernel cannot hide the backlog on the client's side.
     stalled, flood_peer, stalled_relayed = allocated_client(server, transport, rcvbuf=4096)
     other, other_peer, other_relayed = allocated_client(server, "tcp")
@@ -198,7 +200,8 @@ def test_a_client_that_never_reads_costs_bounded_memory(server_factory: Callable
 def test_a_closed_connection_whose_client_never_reads_is_cut_off_after_the_grace_period(
         server_factory: Callable[..., RunningServer]) -> None:
     server = server_factory(stream_write_buffer_bytes=65536, tls_handshake_timeout_s=1.0,
-                            metrics_listen="127.0.0.1:0", **STREAM_OPTIONS)
+                            metrics_listen="127.0.0.1:0", allocation_bandwidth_bytes_s=0,
+                            **STREAM_OPTIONS)
     stalled, flood_peer, stalled_relayed = allocated_client(server, "tcp", rcvbuf=4096)
 
     def open_tcp() -> float | None:

@@ -50,6 +50,7 @@ def test_production_file_converts_and_loads_cleanly(tmp_path: Path) -> None:
     assert config.tls_key_file == "/etc/letsencrypt/live/turn.example.com/privkey.pem"
     assert config.max_allocations == 1200
     assert config.user_quota == 12
+    assert config.allocation_bandwidth_bytes_s == 3000000  # max-bps: bytes/s per session
     assert config.max_lifetime_s == 1800
     assert config.default_lifetime_s == 600
     assert config.nonce_lifetime_s == 300
@@ -79,7 +80,7 @@ def test_production_file_secrets_never_appear(tmp_path: Path) -> None:
 
 def test_production_file_notes_for_what_is_not_carried_over() -> None:
     _, notes = convert(CONF.read_text(encoding="utf-8"))
-    for key in ("alt-listening-port", "channel-lifetime", "permission-lifetime", "max-bps",
+    for key in ("alt-listening-port", "channel-lifetime", "permission-lifetime",
                 "cipher-list", "dh-file", "log-file", "simple-log", "pidfile", "proc-user",
                 "proc-group", "cli-password", "mobility", "prometheus"):
         assert len(notes_about(notes, key)) == 1, key
@@ -255,7 +256,7 @@ def test_bad_numbers_are_noted_not_carried(tmp_path: Path) -> None:
     toml_text, notes = convert("min-port=lots\nmax-port=70000\nuser-quota=-1\nrealm\n")
     config = load(tmp_path, toml_text)
     assert (config.relay_port_min, config.relay_port_max) == (49152, 65535)
-    assert config.user_quota == 0
+    assert config.user_quota == Config().user_quota  # -1 is not carried: the default stays
     assert len(notes) == 5  # four bad lines + no TLS without a cert
     assert any("needs a value" in n for n in notes_about(notes, "realm"))
 

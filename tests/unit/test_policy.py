@@ -416,17 +416,73 @@ def test_own_address_in_embedded_form() -> None:
 def test_allow_cidr_never_opens_own_listeners() -> None:
     policy = own_policy(allow=["10.0.0.0/8", "0.0.0.0/0", "::/0"])
     assert policy.check("10.0.0.5", 3478) == PeerDecision(False, "own_port", None)
-    assert policy.check("10.0.0.5", 22) == PeerDecision(False, "own_port", None)
     assert policy.check("::ffff:10.0.0.5", 5349).reason == "own_port"
     assert policy.check("10.0.0.6", 3478).allowed  # not ours
+
+
+def test_allow_cidr_wins_over_the_own_address_rule_off_the_listening_ports() -> None:
+    # An SFU on the relay host (a videobridge on :10000): allowed by name, reached.
+    policy = own_policy(allow=["10.0.0.5/32"], port_held=lambda ip, port: False)
+    assert policy.check("10.0.0.5", 10000) == PeerDecision(True, "ok", "10.0.0.5")
+    assert policy.check("10.0.0.5", 50000).allowed  # not held, but allowed by name
+    assert policy.check("10.0.0.5", 3478).reason == "own_port"  # wildcard listener
+    assert policy.check("10.0.0.5", 5349).reason == "own_port"  # exact listener
+    without = own_policy(port_held=lambda ip, port: False)
+    assert without.check("10.0.0.5", 10000).reason == "own_port"
+
+
+def test_own_relay_address_only_on_ports_the_server_holds() -> None:
+    held = {("10.0.0.5", 50000)}
+    policy = own_policy(port_held=lambda ip, port: (ip, port) in held)
+    assert policy.check("10.0.0.5", 50000) == PeerDecision(True, "ok", "10.0.0.5")
+    assert policy.check("10.0.0.5", 51820) == PeerDecision(False, "own_port", None)  # WireGuard
+    assert policy.check("::ffff:10.0.0.5", 51820).reason == "own_port"
+    held.add(("10.0.0.5", 51820))
+    assert policy.check("10.0.0.5", 51820).allowed  # asked at check time, not cached
+    held.clear()
+    assert policy.check("10.0.0.5", 50000).reason == "own_port"
+    assert policy.port_held("10.0.0.5", 50000) is False
+    assert policy.check("10.0.0.5").allowed  # a permission is by IP; ports are checked on use
+
+
+def test_host_addresses_are_guarded_on_wildcard_listening_ports() -> None:
+    # Wildcard listeners receive on every address of the host: a second NIC, all of 127/8.
+    policy = PeerPolicy(
+        allow=["127.0.0.0/8", "198.51.100.0/24"],
+        relay_addresses=["203.0.113.9"],
+        listening=[("0.0.0.0", 3478), ("127.0.0.1", 9641)],
+        host_addresses=["198.51.100.20", "2001:db8::20"],
+        port_held=lambda ip, port: False,
+    )
+    for ip in ("127.0.0.1", "127.0.0.2", "198.51.100.20", "0.0.0.0", "::ffff:127.0.0.1"):
+        assert policy.check(ip, 3478).reason == "own_port", ip
+    assert policy.check("127.0.0.1", 9641).reason == "own_port"  # the metrics port
+    assert policy.check("127.0.0.2", 9641).allowed  # metrics listens on 127.0.0.1 only
+    assert policy.check("198.51.100.20", 10000).allowed  # allowed by name
+    assert policy.check("198.51.100.21", 3478).allowed  # not this host
+    assert policy.is_host_address("198.51.100.20") and policy.is_host_address("127.9.9.9")
+    assert not policy.is_host_address("198.51.100.21")
+
+
+def test_a_host_address_that_is_not_a_relay_address_is_refused_unless_allowed() -> None:
+    policy = PeerPolicy(relay_addresses=["203.0.113.9"], host_addresses=["8.8.4.4"],
+                        listening=[("0.0.0.0", 3478)])
+    assert policy.check("8.8.4.4", 50000) == PeerDecision(False, "own_address", None)
+    assert policy.check("8.8.4.4") == PeerDecision(False, "own_address", None)
+    assert policy.check("127.0.0.1", 50000).reason == "loopback"  # the default reason first
+    allowed = PeerPolicy(relay_addresses=["203.0.113.9"], host_addresses=["8.8.4.4"],
+                         listening=[("0.0.0.0", 3478)], allow=["8.8.4.4/32"])
+    assert allowed.check("8.8.4.4", 50000).allowed
+    assert allowed.check("8.8.4.4", 3478).reason == "own_port"
 
 
 def test_listening_address_that_is_not_a_relay_address_is_guarded() -> None:
     policy = PeerPolicy(listening=[("1.1.1.1", 3478)], relay_port_range=(49152, 65535))
     assert policy.check("1.1.1.1", 3478).reason == "own_port"
-    assert policy.check("1.1.1.1", 22).reason == "own_port"
-    assert policy.check("1.1.1.1", 50000).allowed
-    assert policy.check("1.1.1.1").allowed
+    # Any other port of this host's address is refused too, by IP alone as well.
+    assert policy.check("1.1.1.1", 22).reason == "own_address"
+    assert policy.check("1.1.1.1", 50000).reason == "own_address"
+    assert policy.check("1.1.1.1").reason == "own_address"
 
 
 def test_loopback_test_setup() -> None:
@@ -438,7 +494,9 @@ def test_loopback_test_setup() -> None:
     )
     assert policy.check("127.0.0.1", 40050) == PeerDecision(True, "ok", "127.0.0.1")
     assert policy.check("127.0.0.1", 3478).reason == "own_port"
-    assert policy.check("127.0.0.1", 40101).reason == "own_port"
+    # allowed_peers covers 127.0.0.1: echo peers on low ports are reachable.
+    assert policy.check("127.0.0.1", 40101).allowed
+    assert policy.check("127.0.0.1", 1024).allowed
 
 
 # --- 1:1 NAT ------------------------------------------------------------------------------

@@ -58,6 +58,15 @@ class CredentialStore:
         """True when ``username`` is verified as a REST credential (leading expiry, not a static user)."""
         return username not in self._static and rest_expiry(username) is not None
 
+    def quota_user(self, username: str) -> str:
+        """Whom ``user_quota`` counts ``username`` against: the user part of a REST username
+        ("1700000000:alice" -> "alice", as coturn counts), else the whole name. Credentials
+        minted for one user at different times share one quota."""
+        if username in self._static or rest_expiry(username) is None:
+            return username
+        head, sep, user = username.partition(":")
+        return user if sep else username
+
     def lookup(self, username: str, algorithm: int) -> list[bytes]:
         """Candidate long-term keys for ``username``; empty when the user is unknown.
 

@@ -82,6 +82,11 @@ class RelayPortPool:
     def supports_dont_fragment(self) -> bool:
         return hasattr(socket, "IP_MTU_DISCOVER") and hasattr(socket, "IP_PMTUDISC_DO")
 
+    def holds(self, ip: str, port: int) -> bool:
+        """Whether a relay socket (an allocation's or a reservation's) is bound on ip:port now."""
+        used = self._in_use.get(ip)
+        return used is not None and port in used
+
     def capacity(self) -> int:
         """Ports in the range times relay addresses: what allocations can ever get."""
         return (self.port_max - self.port_min + 1) * sum(len(v) for v in self._addresses.values())

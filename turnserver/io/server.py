@@ -23,6 +23,7 @@ from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation, FiveTuple
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
+from .interfaces import host_addresses
 from .relay import RelayPortPool, UdpRelay, detect_relay_addresses, send_to_peer
 from .stream import StreamServer
 from .tls import TlsCertificates, certificate_names
@@ -125,6 +126,12 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
         max_lifetime_s=config.max_lifetime_s,
         max_allocations=config.max_allocations,
         user_quota=config.user_quota,
+        max_permissions_per_allocation=config.max_permissions_per_allocation,
+        max_channels_per_allocation=config.max_channels_per_allocation,
+        allocation_bandwidth_bytes_s=config.allocation_bandwidth_bytes_s,
+        server_bandwidth_bytes_s=config.server_bandwidth_bytes_s,
+        challenge_rate_per_source=config.challenge_rate_per_source,
+        challenge_burst_per_source=config.challenge_burst_per_source,
         allow_refresh_after_expiry=config.allow_refresh_after_expiry,
         external_addresses=external_map(config, relay_addresses),
         alternate_server=alternate,
@@ -163,10 +170,17 @@ class TurnServer:
     # ------------------------------------------------------------------ assembly
 
     def _listening_pairs(self) -> list[tuple[str, int]]:
-        return [(lst.address[0], lst.address[1]) for lst in self.state.listeners]
+        """Every port the server listens on, the metrics endpoint's included: never a peer."""
+        pairs = [(lst.address[0], lst.address[1]) for lst in self.state.listeners]
+        for entry in self.observability.ready_entries():
+            pairs.append((entry["host"], int(entry["port"])))
+        return pairs
 
     def build_policy(self, config: Config) -> PeerPolicy:
+        """The peer policy for ``config``; reads the host's interface addresses afresh (a
+        wildcard listener receives on all of them), so a reload sees new ones."""
         external = external_map(config, self.state.relay_addresses)
+        relays = self.relays
         return PeerPolicy(
             allow=config.allowed_peers,
             deny=config.denied_peers,
@@ -174,6 +188,8 @@ class TurnServer:
             external_addresses={ext: bound for bound, ext in external.items()},
             relay_port_range=(config.relay_port_min, config.relay_port_max),
             listening=self._listening_pairs(),
+            host_addresses=host_addresses(),
+            port_held=relays.holds if relays is not None else None,
         )
 
     def build_credentials(self, config: Config) -> CredentialStore:
@@ -221,6 +237,8 @@ class TurnServer:
             log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
                      config.relay_port_min, config.relay_port_max)
             await self.observability.start()
+            # Once more with the metrics port bound: it is never a peer either.
+            self.core.reconfigure(policy=self.build_policy(config))
         except BaseException:
             self._close_all()
             raise

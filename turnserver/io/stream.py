@@ -20,6 +20,13 @@ Limits, read from the running configuration (a reload that changes them takes ef
 within one sweep interval, at most a second):
 
 * ``max_connections``: connections beyond it are reset at accept (reason ``capacity``).
+* ``max_connections_per_source``: connections from one source address (one /64 for IPv6)
+  beyond it are reset at accept (reason ``source_limit``).
+* ``stream_unallocated_write_buffer_bytes``: replies queued toward a client that has no
+  allocation yet. Beyond it the connection stops reading (``pause_reading``) until the client
+  has read them, so a client that pipelines requests and never reads costs a few KiB, not
+  its whole request stream's worth of replies. With an allocation, the connection stops
+  reading once replies exceed twice ``stream_write_buffer_bytes``.
 * ``tls_handshake_timeout_s``: the first byte and the TLS handshake must arrive within it.
 * ``stream_idle_timeout_s``: a connection without an allocation that long is closed; after
   its allocation ended it is closed once it has also been quiet that long.
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -70,7 +78,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("turnd")
 
-CLOSE_REASONS = ("idle", "handshake", "framing", "capacity", "peer_closed", "shutdown")
+CLOSE_REASONS = ("idle", "handshake", "framing", "capacity", "source_limit", "peer_closed",
+                 "shutdown")
 LISTEN_BACKLOG = 1024
 # RFC 5246 §6.2.1 / RFC 8446 §5.1: ContentType handshake(22) opens every TLS connection.
 TLS_HANDSHAKE_RECORD = 0x16
@@ -97,6 +106,8 @@ class StreamLimits:
     idle_timeout_s: float = 30.0
     handshake_timeout_s: float = 10.0
     write_buffer_bytes: int = 262144
+    max_per_source: int = 256
+    unallocated_buffer_bytes: int = 8192
 
     @classmethod
     def from_config(cls, config: Config) -> StreamLimits:
@@ -105,7 +116,23 @@ class StreamLimits:
             idle_timeout_s=config.stream_idle_timeout_s,
             handshake_timeout_s=config.tls_handshake_timeout_s,
             write_buffer_bytes=config.stream_write_buffer_bytes,
+            max_per_source=config.max_connections_per_source,
+            unallocated_buffer_bytes=config.stream_unallocated_write_buffer_bytes,
         )
+
+
+def source_key(ip: str) -> str:
+    """What max_connections_per_source counts by: the IPv4 address, or the IPv6 /64 (one
+    subscriber's prefix: every address in it is free to whoever holds it)."""
+    if ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)  # an IPv4 client on a dual-stack socket
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
 
 
 @dataclass
@@ -118,6 +145,8 @@ class StreamStats:
     plain_on_tls: int = 0
     dropped_messages: int = 0
     dropped_bytes: int = 0
+    # Times a connection stopped reading because its replies were not being read.
+    read_pauses: int = 0
 
 
 class Closable(Protocol):
@@ -173,6 +202,7 @@ class StreamServer:
         self.tls = tls
         self.stats = StreamStats()
         self.connections: set[StreamConnection] = set()
+        self._per_source: dict[str, int] = {}
         self.servers: list[Closable] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
@@ -256,16 +286,39 @@ class StreamServer:
                                     "dropped_messages": stats.dropped_messages,
                                     "dropped_bytes": stats.dropped_bytes}})
 
-    def admit(self, conn: StreamConnection) -> bool:
-        """Count a new connection; False (counted as refused) when at the cap."""
+    def admit(self, conn: StreamConnection, client_ip: str) -> bool:
+        """Count a new connection; False (counted as refused) when at a cap."""
         stats = self.stats
         stats.accepted[conn.kind] += 1
         if self._closed or len(self.connections) >= self.limits.max_connections:
             stats.closed["capacity"] += 1
             return False
+        key = source_key(client_ip)
+        count = self._per_source.get(key, 0)
+        per_source = self.limits.max_per_source
+        if per_source and count >= per_source:
+            stats.closed["source_limit"] += 1
+            return False
+        self._per_source[key] = count + 1
+        conn._source = key
         self.connections.add(conn)
         stats.open[conn.kind] += 1
         return True
+
+    def release(self, conn: StreamConnection) -> None:
+        """The other half of ``admit``: the connection is gone."""
+        key = conn._source
+        if key is not None:
+            conn._source = None
+            count = self._per_source.get(key, 1) - 1
+            if count > 0:
+                self._per_source[key] = count
+            else:
+                self._per_source.pop(key, None)
+
+    def sources(self) -> int:
+        """Distinct sources (IPv4 addresses, IPv6 /64s) with a connection open."""
+        return len(self._per_source)
 
     # ------------------------------------------------------------------ idle sweep
 
@@ -344,7 +397,7 @@ class TlsAcceptor:
             except OSError:
                 pass
             conn = StreamConnection(streams, "tls")
-            if not streams.admit(conn):
+            if not streams.admit(conn, _addr[0]):
                 conn._state = _CLOSED
                 _reset(conn_sock)
                 continue
@@ -363,6 +416,7 @@ class StreamConnection(asyncio.Protocol):
         "streams", "kind", "loop", "_state", "_sock", "_transport", "_framer", "_five_tuple",
         "_client", "_server", "_opened_at", "_last_activity", "_unallocated_since",
         "_had_allocation", "_write_paused", "_close_reason", "_task", "_closing_at",
+        "_source", "_allocated", "_read_paused", "_backlog",
     )
 
     def __init__(self, streams: StreamServer, kind: str) -> None:
@@ -386,6 +440,10 @@ class StreamConnection(asyncio.Protocol):
         self._close_reason: str | None = None
         self._task: asyncio.Task[Any] | None = None
         self._closing_at = 0.0
+        self._source: str | None = None  # the per-source key it counts under, once admitted
+        self._allocated = False  # it has a live allocation (decides the reply allowance)
+        self._read_paused = False
+        self._backlog: list[bytes] = []  # frames read but not handled while reading is paused
 
     @property
     def five_tuple(self) -> FiveTuple | None:
@@ -468,7 +526,7 @@ class StreamConnection(asyncio.Protocol):
             # A plain TCP listener: this is the accept.
             peer = transport.get_extra_info("peername")
             local = transport.get_extra_info("sockname")
-            if not self.streams.admit(self) or not peer or not local:
+            if not peer or not local or not self.streams.admit(self, peer[0]):
                 if self in self.streams.connections:
                     self._finish("peer_closed")
                 self._state = _CLOSED
@@ -530,6 +588,8 @@ class StreamConnection(asyncio.Protocol):
         self._stop_sniff()
         self._free_allocation()
         streams = self.streams
+        streams.release(self)
+        self._backlog = []
         if self in streams.connections:
             streams.connections.discard(self)
             streams.stats.open[self.kind] -= 1
@@ -553,10 +613,18 @@ class StreamConnection(asyncio.Protocol):
     def apply_write_limits(self) -> None:
         if self._transport is None:
             return
-        high = self.streams.limits.write_buffer_bytes
+        limits = self.streams.limits
+        high = limits.write_buffer_bytes if self._allocated else limits.unallocated_buffer_bytes
         # Resume at a quarter: hysteresis, so a client reading slowly does not flip the
         # state on every message.
         self._transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def _reply_allowance(self) -> int:
+        """Bytes of queued replies beyond which this connection stops reading."""
+        limits = self.streams.limits
+        if self._allocated:
+            return _CONTROL_HEADROOM * limits.write_buffer_bytes
+        return limits.unallocated_buffer_bytes
 
     def check_timeouts(self, now: float, allocations: dict[FiveTuple, Any]) -> None:
         limits = self.streams.limits
@@ -605,13 +673,27 @@ class StreamConnection(asyncio.Protocol):
         except FramingError:
             self.close("framing")
             return
+        if self._backlog:  # not expected (reading is paused), but order is kept
+            self._backlog.extend(frames)
+            frames, self._backlog = self._backlog, []
+        self._handle_frames(frames, now)
+        if self._framer.pending_error is not None and not self._backlog:
+            # RFC 8656 §12.5 gives no way to find the next frame in a broken stream: answer
+            # what was whole, then close.
+            self.close("framing")
+
+    def _handle_frames(self, frames: list[bytes], now: float) -> None:
         core = self.streams.get_core()
         if core is None:
             return
         five_tuple = self._five_tuple
         assert five_tuple is not None
         handled_stun = False
-        for frame in frames:
+        for index, frame in enumerate(frames):
+            if self._read_paused:
+                # Its replies are not being read: the rest waits until they are.
+                self._backlog = frames[index:]
+                break
             try:
                 if frame[0] < 0x40:
                     handled_stun = True
@@ -622,6 +704,11 @@ class StreamConnection(asyncio.Protocol):
                         send_to_peer(reply, core.stats)
                     else:
                         self._write_reply(reply)
+                    allocation = core.allocations.get(five_tuple)
+                    allocated = allocation is not None and allocation.sink is self
+                    if allocated != self._allocated:
+                        self._allocated = allocated
+                        self.apply_write_limits()
                 else:
                     # The framer returns only ChannelData here, its padding removed; the core
                     # drops it unless the channel is bound.
@@ -633,10 +720,6 @@ class StreamConnection(asyncio.Protocol):
                 log.exception("error handling a stream frame")
         if handled_stun:
             self.streams.on_stun()
-        if self._framer.pending_error is not None:
-            # RFC 8656 §12.5 gives no way to find the next frame in a broken stream: answer
-            # what was whole, then close.
-            self.close("framing")
 
     # ------------------------------------------------------------------ writing
 
@@ -654,19 +737,40 @@ class StreamConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._state != _READY:
             return
-        if self._write_paused and transport.get_write_buffer_size() > (
-                _CONTROL_HEADROOM * self.streams.limits.write_buffer_bytes):
+        allowance = self._reply_allowance()
+        if self._write_paused and transport.get_write_buffer_size() > allowance:
             stats = self.streams.stats
             stats.dropped_messages += 1
             stats.dropped_bytes += len(data)
             return
         transport.write(data)
+        if not self._read_paused and transport.get_write_buffer_size() > allowance:
+            # Replies this client does not read: read no more requests from it until it does.
+            self._read_paused = True
+            self.streams.stats.read_pauses += 1
+            try:
+                transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._read_paused and self._state == _READY:
+            self._read_paused = False
+            transport = self._transport
+            if transport is not None:
+                try:
+                    transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
+            backlog, self._backlog = self._backlog, []
+            if backlog:
+                self._handle_frames(backlog, self.loop.time())
+            if self._framer.pending_error is not None and not self._backlog:
+                self.close("framing")
 
 
 def _address(sockaddr: Any) -> Address:

@@ -149,17 +149,24 @@ class Message:
                 return True
         return False
 
-    def unknown_comprehension_required(self) -> list[int]:
+    def unknown_comprehension_required(self, limit: int | None = None) -> list[int]:
         """Types below 0x8000 that this codec does not know, each once, in wire order.
 
         RFC 8489 §6.3.1: a request carrying any of these gets a 420 listing them; §6.3.2: an
-        indication carrying any of them is discarded.
+        indication carrying any of them is discarded. ``limit`` stops the list at that many
+        types (the 420 answer lists at most 128, as coturn does). Linear in the number of
+        attributes: a set, not the list, tells which types were already seen.
         """
-        seen: list[int] = []
+        found: list[int] = []
+        seen: set[int] = set()
+        known = _KNOWN_TYPES
         for t, _ in self.attributes:
-            if t < 0x8000 and t not in _KNOWN_TYPES and t not in seen:
-                seen.append(t)
-        return seen
+            if t < 0x8000 and t not in known and t not in seen:
+                seen.add(t)
+                found.append(t)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .limits import TokenBucket
+
 # RFC 8656 §9 and §12: fixed lifetimes of a permission and of a channel binding.
 PERMISSION_LIFETIME_S = 300.0
 CHANNEL_LIFETIME_S = 600.0
@@ -65,9 +67,9 @@ class Allocation:
 
     __slots__ = (
         "five_tuple", "sink", "username", "relays", "created_at", "expires_at", "transaction_id",
-        "response",        "permissions", "channels", "peer_channels", "peers_seen",
+        "response", "permissions", "channels", "peer_channels", "peers_seen", "peers_unlisted",
         "bytes_to_peer", "packets_to_peer", "bytes_to_client", "packets_to_client",
-        "alive", "timer_at", "permission_timers",
+        "alive", "timer_at", "permission_timers", "quota_key", "up", "down",
     )
 
     def __init__(
@@ -92,6 +94,7 @@ class Allocation:
         self.channels: dict[int, Channel] = {}  # channel number -> Channel
         self.peer_channels: dict[Address, Channel] = {}  # peer address -> Channel
         self.peers_seen: set[str] = set()  # distinct peer IPs with a permission, for the usage record
+        self.peers_unlisted = 0  # new peer IPs past the size limit of peers_seen, only counted
         self.bytes_to_peer = 0
         self.packets_to_peer = 0
         self.bytes_to_client = 0
@@ -101,6 +104,26 @@ class Allocation:
         # time recorded here (see TurnCore.handle_timer).
         self.timer_at: float | None = None
         self.permission_timers: dict[str, float] = {}  # peer IP -> time of its heap entry
+        self.quota_key = username  # what user_quota counts: the user part of a REST username
+        # Relayed bytes per second toward the peers and toward the client (the core sets them).
+        self.up = TokenBucket(0, created_at)
+        self.down = TokenBucket(0, created_at)
+
+    @property
+    def peer_count(self) -> int:
+        """Distinct peer IPs this allocation had a permission for."""
+        return len(self.peers_seen) + self.peers_unlisted
+
+    def release_state(self) -> None:
+        """Drop what an ended allocation holds (permissions, channels, the sink), so that
+        whatever still refers to it keeps a small object alive, not its tables."""
+        self.sink = None
+        self.response = b""
+        self.permissions = {}
+        self.channels = {}
+        self.peer_channels = {}
+        self.permission_timers = {}
+        self.peers_seen = set()
 
     @property
     def transport(self) -> str:

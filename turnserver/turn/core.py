@@ -58,6 +58,7 @@ from .allocation import (
     family_of,
 )
 from .errors import TurnError, error
+from .limits import SourceRateLimiter, TokenBucket
 from .stats import CoreStats
 
 REQUESTED_TRANSPORT_UDP = 17
@@ -76,6 +77,13 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 # RFC 8489 §5: a message body is at most 0xFFFF bytes. A Data indication spends 12 (IPv4) or
 # 24 (IPv6) of them on XOR-PEER-ADDRESS and 4 on the DATA header, and DATA is padded to 4.
 _DATA_INDICATION_MAX = {1: (0xFFFF - 12 - 4) & ~3, 2: (0xFFFF - 24 - 4) & ~3}
+# RFC 8489 §14.9: UNKNOWN-ATTRIBUTES in a 420 lists at most this many types (coturn's limit).
+MAX_UNKNOWN_LISTED = 128
+# Distinct peer IPs remembered per allocation for its usage record; beyond, only counted.
+_PEERS_SEEN_MAX = 1024
+# The deadline heap is rebuilt without dead entries once they are at least this many and
+# outnumber the live ones.
+_COMPACT_MIN_DEAD = 64
 
 
 @dataclass
@@ -84,8 +92,16 @@ class CoreConfig:
     software: str = "turnd"
     default_lifetime_s: int = 600
     max_lifetime_s: int = 3600
-    max_allocations: int = 0  # 0: bounded by the relay ports only
-    user_quota: int = 0  # 0: unlimited
+    max_allocations: int = 10000  # allocations plus EVEN-PORT reservations; 0: ports only
+    user_quota: int = 32  # per user part of a REST username (or static user); 0: unlimited
+    max_permissions_per_allocation: int = 128  # 0: unlimited
+    max_channels_per_allocation: int = 64  # 0: unlimited
+    # Relayed bytes per second, each direction on its own; 0: unlimited.
+    allocation_bandwidth_bytes_s: int = 625_000  # 5 Mbit/s
+    server_bandwidth_bytes_s: int = 0
+    # Unauthenticated answers (401, 438, pre-authentication 400/420) per source address.
+    challenge_rate_per_source: float = 40.0  # 0: not limited
+    challenge_burst_per_source: int = 40
     allow_refresh_after_expiry: bool = True
     # bound relay IP -> advertised external IP (servers behind 1:1 NAT); any spelling that
     # ipaddress accepts, kept in canonical form
@@ -121,14 +137,21 @@ class _Auth:
 
 
 class _ChannelRoute:
-    """The ChannelData fast path: (5-tuple, channel number) -> where to send."""
+    """The ChannelData fast path: (5-tuple, channel number) -> where to send.
 
-    __slots__ = ("allocation", "channel", "relay")
+    ``own`` is set for a peer on one of the server's own relay addresses (that address),
+    reachable only while the server holds the port: checked per packet, since the port can
+    be released.
+    """
 
-    def __init__(self, allocation: Allocation, channel: Channel, relay: RelayEndpoint) -> None:
+    __slots__ = ("allocation", "channel", "relay", "own")
+
+    def __init__(self, allocation: Allocation, channel: Channel, relay: RelayEndpoint,
+                 own: str | None = None) -> None:
         self.allocation = allocation
         self.channel = channel
         self.relay = relay
+        self.own = own
 
 
 class TurnCore:
@@ -155,10 +178,30 @@ class TurnCore:
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._by_relay: dict[RelayEndpoint, Allocation] = {}
         self._routes: dict[tuple[FiveTuple, int], _ChannelRoute] = {}
+        # quota key (the user part of a REST username) -> allocations plus reservations
         self._user_counts: dict[str, int] = {}
-        self._reservations: dict[bytes, tuple[RelayEndpoint, float]] = {}
+        # token -> (reserved relay, expires_at, quota key of the user who reserved it)
+        self._reservations: dict[bytes, tuple[RelayEndpoint, float, str]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = 0
+        self._dead_timers = 0  # heap entries known to be stale (see _compact_timers)
+        self._challenges = self._new_challenge_limiter(config)
+        self.bandwidth_up = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
+        self.bandwidth_down = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
+
+    def _new_challenge_limiter(self, config: CoreConfig) -> SourceRateLimiter:
+        seed = int.from_bytes(self.random_bytes(8), "big")
+        return SourceRateLimiter(config.challenge_rate_per_source,
+                                 config.challenge_burst_per_source, seed=seed)
+
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the deadline heap (live and stale), for the metrics."""
+        return len(self._timers)
+
+    @property
+    def reservation_count(self) -> int:
+        return len(self._reservations)
 
     # ------------------------------------------------------------------ configuration
 
@@ -177,7 +220,19 @@ class TurnCore:
         ``stats.policy_refusals`` under the policy's reason.
         """
         if config is not None:
-            self.config = config
+            old, self.config = self.config, config
+            if (config.challenge_rate_per_source, config.challenge_burst_per_source) != (
+                    old.challenge_rate_per_source, old.challenge_burst_per_source):
+                self._challenges = self._new_challenge_limiter(config)
+            if config.server_bandwidth_bytes_s != old.server_bandwidth_bytes_s:
+                now = self.bandwidth_up.stamp
+                self.bandwidth_up.set_rate(config.server_bandwidth_bytes_s, now)
+                self.bandwidth_down.set_rate(config.server_bandwidth_bytes_s, now)
+            if config.allocation_bandwidth_bytes_s != old.allocation_bandwidth_bytes_s:
+                rate = config.allocation_bandwidth_bytes_s
+                for allocation in self.allocations.values():
+                    allocation.up.set_rate(rate, allocation.up.stamp)
+                    allocation.down.set_rate(rate, allocation.down.stamp)
         if credentials is not None:
             self.credentials = credentials
         if policy is not None:
@@ -195,13 +250,19 @@ class TurnCore:
                 if not decision.allowed:
                     self._unbind_channel(allocation, channel)
                     refusals[decision.reason] += 1
+                else:
+                    route = self._routes.get((allocation.five_tuple, channel.number))
+                    if route is not None:
+                        route.own = decision.held_check
             permissions = allocation.permissions
             for ip in list(permissions):
                 decision = check(ip)
                 if not decision.allowed:
-                    # Its deadline heap entry stays and finds nothing when it falls due.
                     del permissions[ip]
+                    if allocation.permission_timers.pop(ip, None) is not None:
+                        self._dead_timers += 1  # its heap entry no longer matches anything
                     refusals[decision.reason] += 1
+        self._compact_timers()
 
     # ------------------------------------------------------------------ timers
     #
@@ -219,6 +280,8 @@ class TurnCore:
     def _schedule_allocation(self, allocation: Allocation) -> None:
         when = allocation.expires_at
         if allocation.timer_at is None or when < allocation.timer_at:
+            if allocation.timer_at is not None:
+                self._dead_timers += 1
             allocation.timer_at = when
             self._push(when, "allocation", allocation)
 
@@ -226,25 +289,58 @@ class TurnCore:
         timers = allocation.permission_timers
         scheduled = timers.get(ip)
         if scheduled is None or when < scheduled:
+            if scheduled is not None:
+                self._dead_timers += 1
             timers[ip] = when
             self._push(when, "permission", (allocation, ip))
 
     def _schedule_channel(self, allocation: Allocation, channel: Channel) -> None:
         when = channel.expires_at
         if channel.timer_at is None or when < channel.timer_at:
+            if channel.timer_at is not None:
+                self._dead_timers += 1
             channel.timer_at = when
             self._push(when, "channel", (allocation, channel))
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 
+    def _timer_live(self, entry: tuple[float, int, str, Any]) -> bool:
+        """Whether a heap entry still stands for something that can expire."""
+        when, _, kind, obj = entry
+        if kind == "allocation":
+            return obj.alive and obj.timer_at == when
+        if kind == "permission":
+            allocation, ip = obj
+            return allocation.alive and allocation.permission_timers.get(ip) == when
+        if kind == "channel":
+            allocation, channel = obj
+            return (allocation.alive and channel.timer_at == when
+                    and allocation.channels.get(channel.number) is channel)
+        entry_r = self._reservations.get(obj)
+        return entry_r is not None and entry_r[1] == when
+
+    def _compact_timers(self) -> None:
+        """Rebuild the heap without stale entries once they outnumber the live ones, so an
+        ended allocation is not kept alive by its old deadlines (up to an hour away)."""
+        timers = self._timers
+        if self._dead_timers < _COMPACT_MIN_DEAD or 2 * self._dead_timers < len(timers):
+            return
+        live = [entry for entry in timers if self._timer_live(entry)]
+        heapq.heapify(live)
+        self._timers = live
+        self._dead_timers = 0
+
     def handle_timer(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            when, _, kind, obj = heapq.heappop(timers)
+            entry = heapq.heappop(timers)
+            if not self._timer_live(entry):
+                if self._dead_timers:
+                    self._dead_timers -= 1
+                continue
+            when, _, kind, obj = entry
             if kind == "allocation":
-                if not obj.alive or obj.timer_at != when:
-                    continue
                 obj.timer_at = None
                 if obj.expires_at <= now:
                     self._end_allocation(obj, "expired", now)
@@ -252,8 +348,6 @@ class TurnCore:
                     self._schedule_allocation(obj)
             elif kind == "permission":
                 allocation, ip = obj
-                if not allocation.alive or allocation.permission_timers.get(ip) != when:
-                    continue
                 del allocation.permission_timers[ip]
                 expires_at = allocation.permissions.get(ip)
                 if expires_at is None:
@@ -264,20 +358,32 @@ class TurnCore:
                     self._schedule_permission(allocation, ip, expires_at)
             elif kind == "channel":
                 allocation, channel = obj
-                if channel.timer_at != when:
-                    continue
                 channel.timer_at = None
-                if not allocation.alive or allocation.channels.get(channel.number) is not channel:
-                    continue
                 if channel.expires_at <= now:
                     self._unbind_channel(allocation, channel)
                 else:
                     self._schedule_channel(allocation, channel)
             elif kind == "reservation":
-                entry = self._reservations.get(obj)
-                if entry is not None and entry[1] <= now:
-                    del self._reservations[obj]
-                    self.relay_ports.release(entry[0])
+                reservation = self._pop_reservation(obj)
+                if reservation is not None:
+                    self.relay_ports.release(reservation[0])
+
+    def _pop_reservation(self, token: bytes) -> tuple[RelayEndpoint, float, str] | None:
+        """Forget a reservation and give back its quota slot; the caller then owns its relay."""
+        entry = self._reservations.pop(token, None)
+        if entry is not None:
+            self._uncount_user(entry[2])
+        return entry
+
+    def _count_user(self, key: str) -> None:
+        self._user_counts[key] = self._user_counts.get(key, 0) + 1
+
+    def _uncount_user(self, key: str) -> None:
+        count = self._user_counts.get(key, 1) - 1
+        if count > 0:
+            self._user_counts[key] = count
+        else:
+            self._user_counts.pop(key, None)
 
     # ------------------------------------------------------------------ client STUN
 
@@ -291,9 +397,12 @@ class TurnCore:
             # RFC 8489 §6.3: a sound header with bad attributes -> 400 for requests only.
             self.stats.dropped["malformed"] += 1
             if exc.msg_class == MessageClass.REQUEST:
-                reply = Message(exc.method, MessageClass.ERROR, exc.transaction_id)
-                reply.add(Attr.ERROR_CODE, (400, "Bad Request"))
                 self._count_request(exc.method, 400)
+                if not self._challenges.allow(five_tuple[1][0], now):
+                    self.stats.limit_refusals["challenge_rate"] += 1
+                    return None
+                reply = Message(exc.method, MessageClass.ERROR, exc.transaction_id)
+                reply.add(Attr.ERROR_CODE, (400, ""))  # unauthenticated: no reason phrase
                 return encode_message(reply)
             return None
         except StunDecodeError:
@@ -323,10 +432,10 @@ class TurnCore:
 
     def _handle_request(
         self, msg: Message, five_tuple: FiveTuple, now: float, sink: Any
-    ) -> bytes:
+    ) -> bytes | None:
         auth: _Auth | None = None
         try:
-            unknown = msg.unknown_comprehension_required()
+            unknown = msg.unknown_comprehension_required(MAX_UNKNOWN_LISTED)
             if unknown:
                 # RFC 8489 §6.3.1: unknown comprehension-required attributes -> 420.
                 raise error(420, attributes=[(Attr.UNKNOWN_ATTRIBUTES, unknown)], label="unknown_attribute")
@@ -351,6 +460,11 @@ class TurnCore:
             if msg.method == Method.ALLOCATE and exc.label != "challenge":
                 self.stats.allocations_refused[_refusal_reason(exc)] += 1
             self._count_request(msg.method, exc.code)
+            if auth is None and not self._challenges.allow(five_tuple[1][0], now):
+                # RFC 8489 §6.3 lets a server drop what it will not answer; a reflector
+                # must not answer a flood from one (possibly spoofed) source.
+                self.stats.limit_refusals["challenge_rate"] += 1
+                return None
             return self._error_response(msg, exc, auth, five_tuple)
         self._count_request(msg.method, 200)
         if isinstance(reply, bytes):
@@ -358,7 +472,9 @@ class TurnCore:
         return self._encode_reply(msg, reply, auth)
 
     def _encode_reply(self, request: Message, reply: Message, auth: _Auth | None) -> bytes:
-        if self.config.software:
+        # SOFTWARE only on authenticated answers: an unauthenticated one stays as small as the
+        # RFCs allow, so that the server is a poor reflector.
+        if auth is not None and self.config.software:
             reply.add(Attr.SOFTWARE, self.config.software)
         return encode_message(
             reply,
@@ -371,7 +487,9 @@ class TurnCore:
         self, msg: Message, exc: TurnError, auth: _Auth | None, five_tuple: FiveTuple
     ) -> bytes:
         reply = Message(msg.method, MessageClass.ERROR, msg.transaction_id)
-        reply.add(Attr.ERROR_CODE, (exc.code, exc.reason))
+        # RFC 8489 §14.8: the reason phrase is for diagnostics; an answer to an unauthenticated
+        # request carries none.
+        reply.add(Attr.ERROR_CODE, (exc.code, exc.reason if auth is not None else ""))
         for attr_type, value in exc.attributes:
             reply.add(attr_type, value)
         if exc.code in (401, 438):
@@ -514,10 +632,21 @@ class TurnCore:
         if requested_family is not None and requested_family not in (1, 2):
             raise error(440, label="bad_request")  # RFC 8656 §7.2 step 7
 
+        # Quotas count allocations and EVEN-PORT reservations alike: a reservation holds a
+        # port as surely as an allocation does. One held by this user for the token it
+        # presents is about to become this allocation, so it is not counted twice.
+        quota_key = self.credentials.quota_user(auth.username)
+        reserved = self._reservations.get(token) if token is not None else None
+        own_reservation = 1 if reserved is not None and reserved[2] == quota_key else 0
+        needed = 2 if even_port else 1  # an EVEN-PORT R request reserves a second port
         quota = self.config.user_quota
-        if quota and self._user_counts.get(auth.username, 0) >= quota:
+        if quota and self._user_counts.get(quota_key, 0) - own_reservation + needed > quota:
+            self.stats.limit_refusals["user_quota"] += 1
             raise error(486, label="quota")  # RFC 8656 §7.2 step 10
-        if self.config.max_allocations and len(self.allocations) >= self.config.max_allocations:
+        limit = self.config.max_allocations
+        held = len(self.allocations) + len(self._reservations) - (1 if reserved is not None else 0)
+        if limit and held + needed > limit:
+            self.stats.limit_refusals["max_allocations"] += 1
             raise error(508, label="capacity")
 
         available = self.relay_ports.families()
@@ -525,12 +654,13 @@ class TurnCore:
         response_extra: list[tuple[int, Any]] = []
         new_token: bytes | None = None
         if token is not None:
-            entry = self._reservations.pop(token, None)
+            entry = self._pop_reservation(token)
             if entry is None or entry[1] <= now:
                 if entry is not None:
                     self.relay_ports.release(entry[0])
                 # RFC 8656 §7.2 step 5
                 raise error(508, "Unknown or expired RESERVATION-TOKEN", label="capacity")
+            self._dead_timers += 1  # its reservation entry in the heap
             relays.append(entry[0])
         else:
             family = requested_family or 1
@@ -547,7 +677,8 @@ class TurnCore:
             relays.append(bound[0])
             if bound[1] is not None:
                 new_token = self.random_bytes(8)
-                self._reservations[new_token] = (bound[1], now + RESERVATION_LIFETIME_S)
+                self._reservations[new_token] = (bound[1], now + RESERVATION_LIFETIME_S, quota_key)
+                self._count_user(quota_key)
                 self._push(now + RESERVATION_LIFETIME_S, "reservation", new_token)
             if additional_family is not None:
                 # RFC 8656 §7.2 step 9: the IPv4 allocation stands; ADDRESS-ERROR-CODE says
@@ -564,10 +695,14 @@ class TurnCore:
         lifetime = compute_lifetime(msg.get(Attr.LIFETIME), self.config.default_lifetime_s,
                                     self.config.max_lifetime_s)
         allocation = Allocation(five_tuple, sink, auth.username, relays, now, lifetime, msg.transaction_id)
+        allocation.quota_key = quota_key
+        rate = self.config.allocation_bandwidth_bytes_s
+        allocation.up = TokenBucket(rate, now)
+        allocation.down = TokenBucket(rate, now)
         self.allocations[five_tuple] = allocation
         for relay in relays:
             self._by_relay[relay] = allocation
-        self._user_counts[auth.username] = self._user_counts.get(auth.username, 0) + 1
+        self._count_user(quota_key)
         self._schedule_allocation(allocation)
         family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
         self.stats.allocations_created[(five_tuple[0], family_label)] += 1
@@ -611,8 +746,10 @@ class TurnCore:
 
     # ------------------------------------------------------------------ permissions
 
-    def _checked_peer(self, allocation: Allocation, peer: Address, with_port: bool) -> Address:
-        """Family and policy checks shared by CreatePermission and ChannelBind."""
+    def _checked_peer(self, allocation: Allocation, peer: Address,
+                      with_port: bool) -> tuple[Address, str | None]:
+        """Family and policy checks shared by CreatePermission and ChannelBind: the peer as
+        the policy spells it, and whether it is one of the server's own relay addresses."""
         if family_of(peer[0]) not in allocation.families():
             raise error(443, label="bad_request")  # RFC 8656 §10.2, §12.2
         decision = self.policy.check(peer[0], peer[1] if with_port else None)
@@ -621,12 +758,29 @@ class TurnCore:
             self.stats.policy_refusals[decision.reason] += 1
             raise error(403, "Peer address not allowed", label="policy")
         # The policy's IP: canonical, an external address replaced by its bound relay address.
-        return (ip, peer[1])
+        return (ip, peer[1]), decision.held_check
+
+    def _room_for_permissions(self, allocation: Allocation, new: int, now: float) -> None:
+        """508 unless ``new`` more permissions fit under max_permissions_per_allocation."""
+        limit = self.config.max_permissions_per_allocation
+        permissions = allocation.permissions
+        if not limit or len(permissions) + new <= limit:
+            return
+        for ip in [ip for ip, expires_at in permissions.items() if expires_at <= now]:
+            del permissions[ip]  # expired, its timer has not run yet
+        if len(permissions) + new > limit:
+            self.stats.limit_refusals["permissions"] += 1
+            raise error(508, "Too many permissions", label="permission_limit")
 
     def _install_permission(self, allocation: Allocation, ip: str, now: float) -> None:
         expires_at = now + PERMISSION_LIFETIME_S
         allocation.permissions[ip] = expires_at
-        allocation.peers_seen.add(ip)
+        seen = allocation.peers_seen
+        if ip not in seen:
+            if len(seen) < _PEERS_SEEN_MAX:
+                seen.add(ip)
+            else:
+                allocation.peers_unlisted += 1
         self._schedule_permission(allocation, ip, expires_at)
 
     def _handle_create_permission(
@@ -636,10 +790,17 @@ class TurnCore:
         peers = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not peers:
             raise error(400, "Missing XOR-PEER-ADDRESS", label="bad_request")
+        limit = self.config.max_permissions_per_allocation
+        if limit and len(peers) > limit:
+            # More addresses than could ever be installed: refused before any policy work.
+            self.stats.limit_refusals["permissions"] += 1
+            raise error(508, "Too many permissions", label="permission_limit")
         # RFC 8656 §10.2: every address is checked before any permission is installed.
-        targets = [self._checked_peer(allocation, peer, with_port=False) for peer in peers]
-        for target in targets:
-            self._install_permission(allocation, target[0], now)
+        targets = {self._checked_peer(allocation, peer, with_port=False)[0][0] for peer in peers}
+        self._room_for_permissions(
+            allocation, sum(1 for ip in targets if ip not in allocation.permissions), now)
+        for ip in targets:
+            self._install_permission(allocation, ip, now)
         return Message(Method.CREATE_PERMISSION, MessageClass.SUCCESS, msg.transaction_id)
 
     # ------------------------------------------------------------------ channels
@@ -654,7 +815,7 @@ class TurnCore:
             raise error(400, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS", label="bad_request")
         if not CHANNEL_MIN <= number <= self.config.channel_max:
             raise error(400, "Channel number out of range", label="bad_request")  # RFC 8656 §12.2
-        target = self._checked_peer(allocation, peer, with_port=True)
+        target, own = self._checked_peer(allocation, peer, with_port=True)
         bound = allocation.channels.get(number)
         if bound is not None and bound.expires_at > now and bound.peer != target:
             raise error(400, "Channel bound to another peer", label="bad_request")
@@ -667,13 +828,22 @@ class TurnCore:
         if other is not None and other.expires_at <= now and allocation.channels.get(other.number) is other:
             self._unbind_channel(allocation, other)
         expires_at = now + CHANNEL_LIFETIME_S
+        if target[0] not in allocation.permissions:
+            self._room_for_permissions(allocation, 1, now)
         if bound is None:
+            limit = self.config.max_channels_per_allocation
+            if limit and len(allocation.channels) >= limit:
+                for stale in [c for c in allocation.channels.values() if c.expires_at <= now]:
+                    self._unbind_channel(allocation, stale)
+                if len(allocation.channels) >= limit:
+                    self.stats.limit_refusals["channels"] += 1
+                    raise error(508, "Too many channels", label="channel_limit")
             channel = Channel(number, target, expires_at)
             allocation.channels[number] = channel
             allocation.peer_channels[target] = channel
             relay = allocation.relay_for_family(family_of(target[0]))
             assert relay is not None  # _checked_peer made sure of the family
-            self._routes[(allocation.five_tuple, number)] = _ChannelRoute(allocation, channel, relay)
+            self._routes[(allocation.five_tuple, number)] = _ChannelRoute(allocation, channel, relay, own)
         else:
             channel = bound
             channel.expires_at = expires_at  # RFC 8656 §12.2: a rebind refreshes
@@ -687,6 +857,9 @@ class TurnCore:
         if allocation.peer_channels.get(channel.peer) is channel:
             del allocation.peer_channels[channel.peer]
         self._routes.pop((allocation.five_tuple, channel.number), None)
+        if channel.timer_at is not None:
+            channel.timer_at = None
+            self._dead_timers += 1
 
     # ------------------------------------------------------------------ data paths
 
@@ -724,9 +897,28 @@ class TurnCore:
         if relay is None:
             self.stats.dropped["family_mismatch"] += 1
             return None
-        allocation.bytes_to_peer += len(data)
+        size = len(data)
+        if not self._take_up(allocation, size, now):
+            return None
+        allocation.bytes_to_peer += size
         allocation.packets_to_peer += 1
         return SendToPeer(relay, data, target)
+
+    def _take_up(self, allocation: Allocation, size: int, now: float) -> bool:
+        """Bandwidth toward peers for a Send indication: the allocation's bucket, then the
+        server's (the ChannelData and peer paths do the same inline)."""
+        bucket = allocation.up
+        bucket.credit -= size
+        if bucket.credit < 0 and not bucket.refill(now, size):
+            self.stats.limit_refusals["allocation_bandwidth"] += 1
+            return False
+        server = self.bandwidth_up
+        server.credit -= size
+        if server.credit < 0 and not server.refill(now, size):
+            bucket.credit += size
+            self.stats.limit_refusals["server_bandwidth"] += 1
+            return False
+        return True
 
     def handle_channel_data(self, data: bytes, five_tuple: FiveTuple, now: float) -> SendToPeer | None:
         """RFC 8656 §12.4, §12.6: ChannelData from a client (the hot path)."""
@@ -750,6 +942,23 @@ class TurnCore:
         if allocation.permissions.get(peer[0], 0.0) <= now:
             self.stats.dropped["no_permission"] += 1
             return None
+        if route.own is not None and not self.policy.port_held(route.own, peer[1]):
+            # A peer on our own relay address whose port we have since released.
+            self.stats.policy_refusals["own_port"] += 1
+            self.stats.dropped["policy"] += 1
+            return None
+        # The bandwidth caps, inline: one subtraction and one compare per bucket.
+        bucket = allocation.up
+        bucket.credit -= length
+        if bucket.credit < 0 and not bucket.refill(now, length):
+            self.stats.limit_refusals["allocation_bandwidth"] += 1
+            return None
+        server = self.bandwidth_up
+        server.credit -= length
+        if server.credit < 0 and not server.refill(now, length):
+            bucket.credit += length
+            self.stats.limit_refusals["server_bandwidth"] += 1
+            return None
         allocation.bytes_to_peer += length
         allocation.packets_to_peer += 1
         return SendToPeer(route.relay, data[4:4 + length], peer)
@@ -767,6 +976,17 @@ class TurnCore:
             self.stats.dropped["no_permission"] += 1
             return None
         size = len(data)
+        bucket = allocation.down
+        bucket.credit -= size
+        if bucket.credit < 0 and not bucket.refill(now, size):
+            self.stats.limit_refusals["allocation_bandwidth"] += 1
+            return None
+        server = self.bandwidth_down
+        server.credit -= size
+        if server.credit < 0 and not server.refill(now, size):
+            bucket.credit += size
+            self.stats.limit_refusals["server_bandwidth"] += 1
+            return None
         channel = allocation.peer_channels.get(peer)
         if channel is not None and channel.expires_at > now:
             if size > 0xFFFF:
@@ -800,9 +1020,10 @@ class TurnCore:
     def shutdown(self, now: float) -> None:
         for allocation in list(self.allocations.values()):
             self._end_allocation(allocation, "shutdown", now)
-        for relay, _ in self._reservations.values():
-            self.relay_ports.release(relay)
-        self._reservations.clear()
+        for token in list(self._reservations):
+            entry = self._pop_reservation(token)
+            if entry is not None:
+                self.relay_ports.release(entry[0])
 
     def _end_allocation(self, allocation: Allocation, reason: str, now: float) -> None:
         if not allocation.alive:
@@ -816,11 +1037,7 @@ class TurnCore:
             self.relay_ports.release(relay)
         for number in list(allocation.channels):
             self._routes.pop((allocation.five_tuple, number), None)
-        count = self._user_counts.get(allocation.username, 1) - 1
-        if count > 0:
-            self._user_counts[allocation.username] = count
-        else:
-            self._user_counts.pop(allocation.username, None)
+        self._uncount_user(allocation.quota_key)
         transport = allocation.five_tuple[0]
         up = self.stats.ended_traffic[("client_to_peer", transport)]
         up[0] += allocation.bytes_to_peer
@@ -829,8 +1046,15 @@ class TurnCore:
         down[0] += allocation.bytes_to_client
         down[1] += allocation.packets_to_client
         self.stats.allocations_ended[reason] += 1
-        if self.on_allocation_end is not None:
-            self.on_allocation_end(allocation, reason, now)
+        try:
+            if self.on_allocation_end is not None:
+                self.on_allocation_end(allocation, reason, now)
+        finally:
+            # Its heap entries are stale now; what it held goes at once, not at its deadlines.
+            self._dead_timers += ((allocation.timer_at is not None) + len(allocation.permission_timers)
+                                  + sum(1 for c in allocation.channels.values() if c.timer_at is not None))
+            allocation.release_state()
+            self._compact_timers()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -12,7 +12,7 @@ from collections import defaultdict
 class CoreStats:
     __slots__ = (
         "allocations_created", "allocations_refused", "allocations_ended", "requests",
-        "auth_failures", "policy_refusals", "dropped", "ended_traffic",
+        "auth_failures", "policy_refusals", "dropped", "ended_traffic", "limit_refusals",
     )
 
     def __init__(self) -> None:
@@ -36,3 +36,7 @@ class CoreStats:
         # (direction "client_to_peer"/"peer_to_client", transport) -> [bytes, packets] of
         # allocations that have ended; live allocations are summed at scrape time.
         self.ended_traffic: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        # limit -> refusals it caused: requests refused (permissions, channels, user_quota,
+        # max_allocations), answers withheld (challenge_rate) and packets dropped
+        # (allocation_bandwidth, server_bandwidth)
+        self.limit_refusals: defaultdict[str, int] = defaultdict(int)
