@@ -23,6 +23,7 @@ from .config import (
     click_options,
     load_config,
     load_secrets,
+    weak_secret_warnings,
     overrides_from_click,
     parse_hostport,
 )
@@ -72,14 +73,20 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
         from .auth import CredentialStore
 
         static_users = CredentialStore.load_static_users(config.static_users_file)
-    if not secrets and not static_users:
+    generated = not secrets and not static_users
+    if generated:
         secrets = [_generated_secret().encode()]
+    else:
+        import logging
+
+        for warning in weak_secret_warnings(secrets):
+            logging.getLogger("turnd").warning("%s", warning)
     from .io.run import run_server, settings_loader
 
     # SIGHUP re-reads the same file with the same flags and environment as this start-up.
     reload_settings = settings_loader(config_path, overrides_from_click(kwargs), env=os.environ)
     sys.exit(run_server(config, secrets=secrets, static_users=static_users, ready_file=ready_file,
-                        reload_settings=reload_settings))
+                        reload_settings=reload_settings, generated_secret=generated))
 
 
 @main.command()

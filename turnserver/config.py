@@ -46,6 +46,7 @@ __all__ = [
     "click_options",
     "load_config",
     "load_secrets",
+    "weak_secret_warnings",
     "overrides_from_click",
     "format_hostport",
     "parse_hostport",
@@ -574,6 +575,41 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     return Config(**values)  # type: ignore[arg-type]
 
 
+# RFC 4086 §8 and NIST SP 800-107: an HMAC key should carry at least 128 bits.
+MIN_SECRET_BITS = 128
+
+
+def secret_bits(secret: bytes) -> int:
+    """A generous estimate of a secret's strength: its length times the bits per character
+    of the smallest common alphabet it is written in (hex 4, base64 6, printable 6.5, else 8).
+    A secret that is long but repetitive passes it; it catches the short ones."""
+    try:
+        text = secret.decode("ascii")
+    except UnicodeDecodeError:
+        return 8 * len(secret)
+    if re.fullmatch(r"[0-9a-fA-F]*", text):
+        per_char = 4.0
+    elif re.fullmatch(r"[A-Za-z0-9+/=_-]*", text):
+        per_char = 6.0
+    elif text.isprintable():
+        per_char = 6.5
+    else:
+        per_char = 8.0
+    return int(len(text) * per_char)
+
+
+def weak_secret_warnings(secrets: Iterable[bytes]) -> list[str]:
+    """One line per shared secret under MIN_SECRET_BITS, naming it by position only."""
+    out = []
+    for index, secret in enumerate(secrets, 1):
+        bits = secret_bits(secret)
+        if bits < MIN_SECRET_BITS:
+            out.append(f"shared secret #{index} carries about {bits} bits, under "
+                       f"{MIN_SECRET_BITS}: anyone who guesses it mints credentials; use "
+                       "32 random bytes, e.g. `openssl rand -hex 32`")
+    return out
+
+
 def load_secrets(config: Config, env: Mapping[str, str]) -> list[bytes]:
     """The REST API shared secrets: secrets_file lines first, then TURND_SECRETS.
 
@@ -595,7 +631,8 @@ def load_secrets(config: Config, env: Mapping[str, str]) -> list[bytes]:
             if line and not line.startswith(b"#"):
                 secrets.append(line)
     from_env = env.get(SECRETS_ENV, "")
-    for item in re.split(r"[,\n]", from_env):
+    # One secret per line, as in secrets_file: a comma may be part of a secret.
+    for item in from_env.splitlines():
         item = item.strip()
         if item:
             secrets.append(item.encode("utf-8", "surrogateescape"))
@@ -1230,7 +1267,8 @@ def render_markdown() -> str:
     add("")
     add(f"Shared secrets for TURN REST API credentials are never a flag (argv is readable by "
         f"every local user). They come from the file named by `secrets_file`, one per line, "
-        f"and from the environment variable `{SECRETS_ENV}` (comma- or newline-separated), in "
+        f"and from the environment variable `{SECRETS_ENV}` (one per line: a comma may be part "
+        f"of a secret), in "
         f"that order. Every secret is accepted; the first one is used to mint credentials, so "
         f"a new secret is rolled out by adding it first and removing the old one later. "
         f"Secrets do not belong in the TOML file, which is usually world-readable.")

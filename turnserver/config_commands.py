@@ -20,6 +20,7 @@ from turnserver.config import (
     click_options,
     load_config,
     load_secrets,
+    weak_secret_warnings,
     overrides_from_click,
 )
 from turnserver.coturn_conf import convert
@@ -92,7 +93,10 @@ def check(config_path: str | None, **flags: Any) -> None:
     if problems:
         _fail(problems)
     # check_config has just read secrets_file and found no problem with it.
-    secrets_count = len(load_secrets(config, os.environ))
+    secrets = load_secrets(config, os.environ)
+    secrets_count = len(secrets)
+    for warning in weak_secret_warnings(secrets):
+        click.echo(f"warning: {warning}", err=True)
     click.echo("configuration OK")
     click.echo("  file: " + (_config_file_used(config_path) or "none (built-in defaults, "
                                                                 "environment and flags)"))

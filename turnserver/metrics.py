@@ -49,6 +49,11 @@ DROP_REASONS = (
     "no_allocation", "no_permission", "unbound_channel", "policy", "family_mismatch",
     "too_big", "unknown_attribute", "dont_fragment_unsupported", "send_failed", "internal_error",
 )
+# Every limit that can refuse something (requests, answers, packets, connections).
+LIMITS = (
+    "user_quota", "max_allocations", "permissions", "channels", "allocation_bandwidth",
+    "server_bandwidth", "challenge_rate", "connections_per_source", "max_connections",
+)
 # Drops that a healthy relay sees all the time (a peer's packet racing its permission, media
 # still in flight when an allocation ends): reported at debug level unless something else moved.
 ROUTINE_DROPS = frozenset({"no_permission", "no_allocation", "unbound_channel"})
@@ -204,6 +209,21 @@ class TurnCollector(Collector):
                        "reason", sorted(stats.policy_refusals.items()))
         yield _counter("turn_dropped_packets_total", "Packets dropped without an answer, by reason.",
                        "reason", _with_zeros(stats.dropped, DROP_REASONS))
+        limits = dict(stats.limit_refusals)
+        streams = getattr(self.server, "streams", None)
+        if streams is not None:
+            closed = streams.stats.closed
+            limits["connections_per_source"] = closed.get("source_limit", 0)
+            limits["max_connections"] = closed.get("capacity", 0)
+        yield _counter("turn_limit_refusals_total", "Requests refused, answers withheld, packets "
+                       "dropped or connections reset because a configured limit was reached, "
+                       "by limit.", "limit", _with_zeros(limits, LIMITS))
+        yield GaugeMetricFamily("turn_timer_entries", "Entries in the core's deadline heap (live "
+                                "and stale); follows the allocations, permissions and channels.",
+                                value=getattr(core, "timer_entries", 0))
+        yield GaugeMetricFamily("turn_relay_reservations", "EVEN-PORT reservations held now (each "
+                                "holds a relay port and counts toward the quotas).",
+                                value=getattr(core, "reservation_count", 0))
         yield GaugeMetricFamily("turn_draining", "1 while the server drains (refuses new allocations).",
                                 value=1 if getattr(core, "draining", False) else 0)
 
@@ -243,6 +263,9 @@ class TurnCollector(Collector):
         yield CounterMetricFamily("turn_stream_write_dropped_bytes_total", "Bytes of the messages "
                                   "counted in turn_stream_write_dropped_messages_total.",
                                   value=stats.dropped_bytes)
+        yield CounterMetricFamily("turn_stream_read_pauses_total", "Times a TCP/TLS connection "
+                                  "stopped reading because its client did not read its replies.",
+                                  value=stats.read_pauses)
         tls = streams.tls
         if tls is not None:
             yield _counter("turn_tls_reloads_total", "Reloads (SIGHUP) of the TLS certificate and key, "
@@ -414,7 +437,7 @@ class TroubleReporter:
     ``stats`` returns the core's CoreStats (or ``None`` before the core exists).
     """
 
-    WATCHED = ("dropped", "policy_refusals", "auth_failures", "allocations_refused")
+    WATCHED = ("dropped", "policy_refusals", "auth_failures", "allocations_refused", "limit_refusals")
 
     def __init__(self, stats: Callable[[], Any], logger: logging.Logger | None = None) -> None:
         self.stats = stats
@@ -427,7 +450,8 @@ class TroubleReporter:
         stats = self.stats()
         if stats is None:
             return None
-        return {name: {str(k): int(v) for k, v in getattr(stats, name).items()} for name in self.WATCHED}
+        return {name: {str(k): int(v) for k, v in getattr(stats, name, {}).items()}
+                for name in self.WATCHED}
 
     def _prime(self) -> None:
         snap = self._snapshot()

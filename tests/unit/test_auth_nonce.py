@@ -1,7 +1,6 @@
 """Stateless nonces (RFC 8489 §9.2) with a fake clock and fixed randomness."""
 
 import base64
-import itertools
 import string
 
 import pytest
@@ -20,18 +19,8 @@ class FakeClock:
         return self.now
 
 
-class CountingRandom:
-    """Distinct, deterministic "random" bytes per call."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count(1)
-
-    def __call__(self, n: int) -> bytes:
-        return next(self._counter).to_bytes(n, "big")
-
-
 def manager(clock: FakeClock, *, key: bytes = KEY, lifetime_s: float = 600.0) -> NonceManager:
-    return NonceManager(key=key, lifetime_s=lifetime_s, wall_clock=clock, random_bytes=CountingRandom())
+    return NonceManager(key=key, lifetime_s=lifetime_s, wall_clock=clock)
 
 
 def test_fresh_nonce_is_ok_for_its_client() -> None:
@@ -89,9 +78,29 @@ def test_extending_the_expiry_is_invalid_not_stale_or_ok() -> None:
     nonces = manager(clock, lifetime_s=10)
     nonce = nonces.make(CLIENT)
     body = nonce[len(NONCE_COOKIE_PREFIX) + 4 :]
-    forged = nonce[: len(nonce) - len(body)] + "ffffffff" + body[8:]
+    raw = base64.urlsafe_b64decode(body + "=")
+    later = (int.from_bytes(raw[:3], "big") + 5000).to_bytes(3, "big") + raw[3:]
+    forged = nonce[: len(nonce) - len(body)] + base64.urlsafe_b64encode(later).decode()[:11]
     clock.now = 2000.0
+    assert nonces.check(nonce, CLIENT) == "stale"
     assert nonces.check(forged, CLIENT) == "invalid"
+
+
+def test_a_nonce_does_not_come_back_when_its_24_expiry_bits_wrap() -> None:
+    clock = FakeClock(1000.0)
+    nonces = manager(clock, lifetime_s=10)
+    nonce = nonces.make(CLIENT)
+    clock.now = 1000.0 + 2**24  # the same low 24 bits of the expiry, 194 days later
+    assert nonces.check(nonce, CLIENT) == "invalid"
+    clock.now = 1000.0 + 2**23 - 100  # far in the past, within the window: stale, not ok
+    assert nonces.check(nonce, CLIENT) == "stale"
+
+
+def test_a_challenge_nonce_is_24_characters() -> None:
+    # 13 for the cookie, 11 for expiry and MAC: a 20-byte request gets an 80-byte 401.
+    nonces = manager(FakeClock(1000.0))
+    assert len(nonces.make(CLIENT)) == 24
+    assert len(nonces.make(CLIENT, security_features=False)) == 11
 
 
 def test_stripping_the_cookie_is_invalid() -> None:
@@ -177,10 +186,14 @@ def test_has_password_algorithms_feature(nonce: str, expected: bool) -> None:
     assert NonceManager.has_password_algorithms_feature(nonce) is expected
 
 
-def test_nonces_are_printable_ascii_short_and_unique() -> None:
+def test_nonces_are_printable_ascii_short_and_differ_by_client_and_time() -> None:
     clock = FakeClock(1000.0)
     nonces = manager(clock)
-    made = {nonces.make(CLIENT) for _ in range(50)}
+    made = set()
+    for i in range(25):
+        made.add(nonces.make(f"198.51.100.{i}"))
+        clock.now += 1
+        made.add(nonces.make(CLIENT))
     assert len(made) == 50
     for nonce in made:
         assert len(nonce) < 128
@@ -192,12 +205,8 @@ def test_nonces_are_printable_ascii_short_and_unique() -> None:
 def test_constructor_rejects_short_key_and_bad_lifetime() -> None:
     clock = FakeClock(0.0)
     with pytest.raises(ValueError):
-        NonceManager(key=b"short", wall_clock=clock, random_bytes=CountingRandom())
+        NonceManager(key=b"short", wall_clock=clock)
     with pytest.raises(ValueError):
-        NonceManager(key=KEY, lifetime_s=0, wall_clock=clock, random_bytes=CountingRandom())
-
-
-def test_random_bytes_of_wrong_length_is_refused() -> None:
-    nonces = NonceManager(key=KEY, wall_clock=FakeClock(0.0), random_bytes=lambda n: b"")
+        NonceManager(key=KEY, lifetime_s=0, wall_clock=clock)
     with pytest.raises(ValueError):
-        nonces.make(CLIENT)
+        NonceManager(key=KEY, lifetime_s=2**23, wall_clock=clock)

@@ -39,7 +39,10 @@ def test_check_ok_prints_summary_and_exits_0() -> None:
     assert "1 shared secret(s)" in result.stdout
     assert "file: none (built-in defaults" in result.stdout
     assert "topsecret-1" not in result.output
-    assert result.stderr == ""
+    # An 11-character secret is weak: a warning on stderr, naming no secret; still exit 0.
+    assert result.stderr.startswith("warning: shared secret #1 carries about ")
+    strong = runner().invoke(check, LOOPBACK_FLAGS, env={"TURND_SECRETS": "ab" * 32})
+    assert strong.exit_code == 0 and strong.stderr == ""
 
 
 def test_check_reads_the_config_file(tmp_path: Path) -> None:

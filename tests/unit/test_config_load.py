@@ -268,8 +268,30 @@ def test_load_secrets_file_lines_then_env(tmp_path: Path) -> None:
     secrets = tmp_path / "secrets"
     secrets.write_bytes(b"# current first\nfirst-secret\n\n  second-secret  \n")
     config = Config(secrets_file=str(secrets))
-    got = load_secrets(config, {"TURND_SECRETS": "env-one,env-two\nfirst-secret"})
+    got = load_secrets(config, {"TURND_SECRETS": "env-one\nenv-two\nfirst-secret"})
     assert got == [b"first-secret", b"second-secret", b"env-one", b"env-two"]
+
+
+@pytest.mark.parametrize("secret", ["a,b;c d", "x,y", "tab\there", "p@ss:w=rd,1"])
+def test_turnd_secrets_is_never_split_inside_a_secret(secret: str) -> None:
+    # Only a line break separates secrets: every other character may be part of one.
+    assert load_secrets(Config(), {"TURND_SECRETS": secret}) == [secret.encode()]
+    assert load_secrets(Config(), {"TURND_SECRETS": f"{secret}\r\nnext"}) == [secret.encode(), b"next"]
+
+
+@pytest.mark.parametrize(("secret", "weak"), [
+    (b"hunter2", True), (b"0123456789abcdef0123456789abcde", True),  # 31 hex digits: 124 bits
+    (b"0123456789abcdef0123456789abcdef", False), (b"integration-test-secret", False),
+    (b"short printable!", True), (bytes(range(128, 144)), False),
+])
+def test_weak_secret_warnings_name_the_secret_by_position_only(secret: bytes, weak: bool) -> None:
+    from turnserver.config import weak_secret_warnings
+
+    warnings = weak_secret_warnings([b"0" * 64, secret])
+    assert len(warnings) == (1 if weak else 0)
+    if weak:
+        assert warnings[0].startswith("shared secret #2 ")
+        assert secret.decode("latin-1") not in warnings[0]
 
 
 def test_load_secrets_from_env_alone_and_none_at_all() -> None:

@@ -4,16 +4,26 @@ The server keeps no per-nonce state, so a flood of unauthenticated requests
 costs no memory.  A nonce is bound to the client IP so that one captured on
 one path cannot be replayed from another.
 
-Layout (all printable ASCII, 45 characters with the cookie, 32 without)::
+Layout (all printable ASCII, 24 characters with the cookie, 11 without)::
 
     [ "obMatJos2" <4 base64: security features> ]   nonce cookie, RFC 8489 §9.2
-    <8 lowercase hex: expiry, Unix seconds>
-    <8 base64url: random salt>
-    <16 base64url: HMAC-SHA256(key, cookie, expiry, salt, client ip)[:12]>
+    <11 base64url: 8 bytes>
+        3 bytes  expiry, Unix seconds modulo 2**24
+        5 bytes  HMAC-SHA256(key, cookie, full expiry, client ip)[:5]
 
 The MAC covers the cookie, so a client (or a man in the middle) cannot strip
 or alter the advertised security features without the nonce becoming invalid:
 that is the bid-down protection RFC 8489 §9.2 asks for.
+
+The nonce is short on purpose: it rides in every 401 and 438, the answers anyone
+can have without credentials, and a short one keeps the server a poor reflector
+(docs/security.md). The full expiry is rebuilt from the 24 bits as the value
+nearest to now, which is unambiguous for lifetimes up to 2**23 s (97 days; the
+option allows a day), and the MAC covers the full value, so an old nonce does not
+come back to life when the 24 bits wrap. A forged nonce needs a 40-bit MAC guess
+per attempt, and buys nothing the attacker could not get by asking for a 401: the
+nonce proves freshness and the client's address, not identity, which
+MESSAGE-INTEGRITY does.
 """
 
 from __future__ import annotations
@@ -40,14 +50,15 @@ SECURITY_FEATURE_PASSWORD_ALGORITHMS = 0x800000
 SECURITY_FEATURE_USERNAME_ANONYMITY = 0x400000
 _COOKIE_LENGTH = len(NONCE_COOKIE_PREFIX) + 4
 
-_SALT_BYTES = 6
-_MAC_BYTES = 12
-_BODY = re.compile(r"([0-9a-f]{8})([A-Za-z0-9_-]{8})([A-Za-z0-9_-]{16})")
+_EXPIRY_BITS = 24
+_EXPIRY_MOD = 1 << _EXPIRY_BITS
+_MAC_BYTES = 5
+_BODY = re.compile(r"[A-Za-z0-9_-]{10}[AEIMQUYcgkosw048]")  # 8 bytes: the last char has 2 bits
 _FEATURES = re.compile(r"[A-Za-z0-9+/]{4}")
 # RFC 8489 §14.10: NONCE is at most 128 characters.
 _MAX_NONCE_CHARS = 128
 _MIN_KEY_BYTES = 16
-_MAC_LABEL = b"turnserver nonce v1\x00"
+_MAC_LABEL = b"turnserver nonce v2\x00"
 
 NonceStatus = Literal["ok", "stale", "invalid"]
 
@@ -61,16 +72,14 @@ class NonceManager:
         key: bytes,
         lifetime_s: float = 600.0,
         wall_clock: Callable[[], float],
-        random_bytes: Callable[[int], bytes],
     ) -> None:
         if len(key) < _MIN_KEY_BYTES:
             raise ValueError(f"nonce key must be at least {_MIN_KEY_BYTES} bytes")
-        if not lifetime_s > 0:
-            raise ValueError("nonce lifetime_s must be positive")
+        if not 0 < lifetime_s < _EXPIRY_MOD // 2:
+            raise ValueError("nonce lifetime_s must be positive and under 2**23 s")
         self._key = bytes(key)
         self._lifetime_s = lifetime_s
         self._wall_clock = wall_clock
-        self._random_bytes = random_bytes
         features = SECURITY_FEATURE_PASSWORD_ALGORITHMS | SECURITY_FEATURE_USERNAME_ANONYMITY
         self._cookie = NONCE_COOKIE_PREFIX + base64.b64encode(features.to_bytes(3, "big")).decode("ascii")
 
@@ -82,12 +91,9 @@ class NonceManager:
         supported); without it the nonce is a plain RFC 5389-style one.
         """
         cookie = self._cookie if security_features else ""
-        expiry_hex = f"{int(self._wall_clock() + self._lifetime_s) & 0xFFFFFFFF:08x}"
-        salt_raw = self._random_bytes(_SALT_BYTES)
-        if len(salt_raw) != _SALT_BYTES:
-            raise ValueError("random_bytes returned the wrong number of bytes")
-        salt = base64.urlsafe_b64encode(salt_raw).decode("ascii")
-        return cookie + expiry_hex + salt + self._mac(cookie, expiry_hex, salt, client_ip)
+        expiry = int(self._wall_clock() + self._lifetime_s)
+        raw = (expiry % _EXPIRY_MOD).to_bytes(3, "big") + self._mac(cookie, expiry, client_ip)
+        return cookie + base64.urlsafe_b64encode(raw).decode("ascii")[:11]
 
     def check(self, nonce: str, client_ip: str) -> NonceStatus:
         """``"ok"``, ``"stale"`` (genuine but expired: answer 438) or ``"invalid"``.
@@ -102,14 +108,16 @@ class NonceManager:
                 return "invalid"
         else:
             cookie, body = "", nonce
-        m = _BODY.fullmatch(body)
-        if m is None:
+        if _BODY.fullmatch(body) is None:
             return "invalid"
-        expiry_hex, salt, mac = m.groups()
-        expected = self._mac(cookie, expiry_hex, salt, client_ip)
-        if not hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
+        raw = base64.urlsafe_b64decode(body + "=")
+        now = int(self._wall_clock())
+        # The full expiry: the value with these 24 low bits nearest to now.
+        low = int.from_bytes(raw[:3], "big")
+        expiry = now + ((low - now + _EXPIRY_MOD // 2) % _EXPIRY_MOD) - _EXPIRY_MOD // 2
+        if not hmac.compare_digest(self._mac(cookie, expiry, client_ip), raw[3:]):
             return "invalid"
-        if int(expiry_hex, 16) <= self._wall_clock():
+        if expiry <= self._wall_clock():
             return "stale"
         return "ok"
 
@@ -128,18 +136,16 @@ class NonceManager:
         features = int.from_bytes(base64.b64decode(encoded), "big")
         return bool(features & SECURITY_FEATURE_PASSWORD_ALGORITHMS)
 
-    def _mac(self, cookie: str, expiry_hex: str, salt: str, client_ip: str) -> str:
+    def _mac(self, cookie: str, expiry: int, client_ip: str) -> bytes:
         material = b"\x00".join(
             (
                 _MAC_LABEL,
                 cookie.encode("ascii"),
-                expiry_hex.encode("ascii"),
-                salt.encode("ascii"),
+                str(expiry).encode("ascii"),
                 _canonical_ip(client_ip).encode("utf-8", "surrogatepass"),
             )
         )
-        digest = hmac.new(self._key, material, hashlib.sha256).digest()[:_MAC_BYTES]
-        return base64.urlsafe_b64encode(digest).decode("ascii")
+        return hmac.new(self._key, material, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
 def _canonical_ip(client_ip: str) -> str:

@@ -20,7 +20,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..config import Config, ConfigError, Problem, check_config, load_config, load_secrets
+from ..config import (
+    Config,
+    ConfigError,
+    Problem,
+    check_config,
+    load_config,
+    load_secrets,
+    weak_secret_warnings,
+)
 from .sdnotify import SystemdNotifier
 from .server import TurnServer, write_ready_file
 
@@ -89,8 +97,11 @@ class Daemon:
     """Runs one started TurnServer until it is told to stop: signals, reload, drain, notify."""
 
     def __init__(self, server: TurnServer, *, reload_settings: SettingsLoader | None = None,
-                 notifier: SystemdNotifier | None = None, ready_file: str | None = None) -> None:
+                 notifier: SystemdNotifier | None = None, ready_file: str | None = None,
+                 generated_secret: bool = False) -> None:
         self.server = server
+        # The running secret was made at start-up because none was configured.
+        self.generated_secret = generated_secret
         self.reload_settings = reload_settings
         self.notifier = notifier or SystemdNotifier()
         self.ready_file = ready_file
@@ -265,11 +276,21 @@ class Daemon:
         server = self.server
         secrets, static_users = settings.secrets, settings.static_users
         if not secrets and not static_users:
-            # Start-up makes a one-run secret when none is configured; dropping it on reload
-            # would refuse every client, so the running credentials stay.
-            log.warning("reload: no secrets and no static users configured; keeping the current "
-                        "credentials")
-            secrets, static_users = server.secrets, server.static_users
+            if self.generated_secret:
+                # Still no credentials configured, as at start-up: the secret made for this
+                # run is the one clients were given, so it stays.
+                log.info("reload: no secrets and no static users configured; keeping the secret "
+                         "generated for this run")
+                secrets, static_users = server.secrets, server.static_users
+            else:
+                # The operator removed every secret and user: that is a revocation (of a leaked
+                # secret, say), never something to undo silently by keeping the old ones.
+                log.error("reload: no shared secret and no static user is configured any more: "
+                          "every credential is revoked, and new requests are refused until one "
+                          "is configured")
+        else:
+            for warning in weak_secret_warnings(secrets):
+                log.warning("reload: %s", warning)
         old = server.config
         report = server.reload(settings.config, secrets, static_users)
         new = server.config
@@ -294,7 +315,7 @@ class Daemon:
 
 async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
                 ready_file: str | None, reload_settings: SettingsLoader | None = None,
-                notifier: SystemdNotifier | None = None) -> int:
+                notifier: SystemdNotifier | None = None, generated_secret: bool = False) -> int:
     server = TurnServer(config, secrets=secrets, static_users=static_users)
     notifier = notifier or SystemdNotifier()
     try:
@@ -303,18 +324,20 @@ async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str,
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")
         return 1
-    daemon = Daemon(server, reload_settings=reload_settings, notifier=notifier, ready_file=ready_file)
+    daemon = Daemon(server, reload_settings=reload_settings, notifier=notifier, ready_file=ready_file,
+                    generated_secret=generated_secret)
     return await daemon.run()
 
 
 def run_server(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
-               ready_file: str | None = None, reload_settings: SettingsLoader | None = None) -> int:
+               ready_file: str | None = None, reload_settings: SettingsLoader | None = None,
+               generated_secret: bool = False) -> int:
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(
             serve(config, secrets=secrets, static_users=static_users, ready_file=ready_file,
-                  reload_settings=reload_settings)
+                  reload_settings=reload_settings, generated_secret=generated_secret)
         )
     finally:
         loop.close()

@@ -97,6 +97,45 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Descriptors beyond relay sockets and connections: listeners, the metrics endpoint, logs,
+# the event loop's own, the interface enumeration.
+_FD_SLACK = 64
+
+
+def descriptors_needed(config: Config, relay_addresses: list[str]) -> int:
+    """File descriptors the limits can take at once: a relay socket per allocation and per
+    reservation (two for a dual-stack allocation), a socket per TCP/TLS connection."""
+    ports = (config.relay_port_max - config.relay_port_min + 1) * max(1, len(relay_addresses))
+    families = len({":" in ip for ip in relay_addresses}) or 1
+    relays = min(config.max_allocations * families, ports) if config.max_allocations else ports
+    streams = config.max_connections if (config.listen_tcp or config.listen_tls) else 0
+    listeners = len(config.listen_udp) + len(config.listen_tcp) + len(config.listen_tls)
+    return relays + streams + listeners + _FD_SLACK
+
+
+def fit_descriptor_limit(needed: int) -> str | None:
+    """Raise RLIMIT_NOFILE's soft limit to ``needed``, up to the hard limit; a warning naming
+    the options when they cannot fit, else None."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (f"the file descriptor limit is {soft}, but max_allocations, max_connections and "
+                f"the relay port range can take {needed}: lower them, or raise LimitNOFILE= "
+                f"(the hard limit is {'unlimited' if hard == resource.RLIM_INFINITY else hard}); "
+                "past the limit new allocations get 508 and new connections are refused")
+    return None
+
+
 def external_map(config: Config, relay_addresses: list[str]) -> dict[str, str]:
     """Bound relay IP -> advertised external IP, from ``external_addresses``."""
     external: dict[str, str] = {}
@@ -202,6 +241,9 @@ class TurnServer:
         config = self.config
         self.loop = loop = asyncio.get_running_loop()
         self.state.relay_addresses = [canonical_ip(a) for a in config.relay_addresses] or detect_relay_addresses()
+        warning = fit_descriptor_limit(descriptors_needed(config, self.state.relay_addresses))
+        if warning is not None:
+            log.warning("%s", warning)
         self.relays = RelayPortPool(
             loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
             self._on_peer_datagram,
@@ -214,7 +256,7 @@ class TurnServer:
             credentials=self.build_credentials(config),
             nonces=NonceManager(
                 key=self._nonce_key, lifetime_s=config.nonce_lifetime_s,
-                wall_clock=self.wall_clock, random_bytes=self.random_bytes,
+                wall_clock=self.wall_clock,
             ),
             policy=self.build_policy(config),
             relay_ports=self.relays,
@@ -333,7 +375,7 @@ class TurnServer:
         nonces = None
         if effective.nonce_lifetime_s != old.nonce_lifetime_s:
             nonces = NonceManager(key=self._nonce_key, lifetime_s=effective.nonce_lifetime_s,
-                                  wall_clock=self.wall_clock, random_bytes=self.random_bytes)
+                                  wall_clock=self.wall_clock)
         if self.core is not None:
             self.core.reconfigure(config=core_config, credentials=credentials, policy=policy,
                                   nonces=nonces)
