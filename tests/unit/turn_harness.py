@@ -95,7 +95,7 @@ def make_core(*, allow: tuple[str, ...] = ("203.0.113.0/24", "2001:db8::/32"),
 
     harness_ended: list[tuple[Any, str, float]] = []
     core = TurnCore(
-        config=CoreConfig(realm=REALM, software="", **config),
+        config=CoreConfig(**{"realm": REALM, "software": "", **config}),
         credentials=CredentialStore(realm=REALM, secrets=[SECRET], static_users=static_users or {},
                                     wall_clock=lambda: wall[0]),
         nonces=NonceManager(key=b"k" * 32, lifetime_s=600, wall_clock=lambda: wall[0]),
