@@ -59,6 +59,12 @@ _STATE_OPEN, _STATE_AFTER_MI, _STATE_AFTER_MI256 = 0, 1, 2
 
 _INTEGRITY_MODES = ("sha1", "sha256", "both")
 
+# Attributes decoded per message at most. A real STUN or TURN message carries a few dozen (a
+# CreatePermission with max_permissions_per_allocation peers, 128 by default, is the largest);
+# a 64 KiB message of 4-byte attributes would carry 16,383 and cost a thousand times more to
+# decode than any client's. Beyond the limit the message is malformed (400 for a request).
+MAX_ATTRIBUTES = 512
+
 
 def _message_type(method: int, msg_class: int) -> int:
     # RFC 8489 §5: M11..M7 C1 M6..M4 C0 M3..M0 in the 14 low bits of the first two bytes.
@@ -216,12 +222,14 @@ def peek_header(data: bytes | bytearray | memoryview) -> tuple[int, int, bytes] 
     return _METHODS.get(method, method), _CLASSES[msg_class], bytes(data[8:20])
 
 
-def decode_message(data: bytes | bytearray | memoryview) -> Message:
+def decode_message(data: bytes | bytearray | memoryview, *,
+                   max_attributes: int = MAX_ATTRIBUTES) -> Message:
     """Decode one whole STUN message.
 
     Raises :class:`NotStunError` when the bytes are not STUN (RFC 8489 §6.3: drop silently)
-    and :class:`MalformedMessageError` when the header is sound but an attribute is not
-    (answer a request with 400).
+    and :class:`MalformedMessageError` when the header is sound but an attribute is not, or
+    when there are more than ``max_attributes`` of them (answer a request with 400). The
+    cost is linear in the attributes decoded, so bounded by ``max_attributes``.
     """
     if type(data) is not bytes:
         data = bytes(data)
@@ -251,9 +259,13 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
     checks = RESERVED_CHECKS
     unpack_head = _ATTR_HEAD.unpack_from
     pos = HEADER_SIZE
+    budget = max_attributes
     try:
         # n - pos stays a multiple of 4, so a 4-byte attribute header always fits.
         while pos < n:
+            budget -= 1
+            if budget < 0:
+                raise InvalidAttribute(f"more than {max_attributes} attributes")
             attr_type, attr_len = unpack_head(data, pos)
             start = pos + 4
             end = start + attr_len
