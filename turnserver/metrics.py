@@ -49,6 +49,12 @@ DROP_REASONS = (
     "no_allocation", "no_permission", "unbound_channel", "policy", "family_mismatch",
     "too_big", "unknown_attribute", "dont_fragment_unsupported", "send_failed", "internal_error",
 )
+# The peer policy's reasons (turnserver/policy.py), exported at zero from the start.
+POLICY_REASONS = (
+    "own_port", "own_address", "loopback", "private", "cgnat", "link_local", "multicast",
+    "broadcast", "unspecified", "reserved", "documentation", "site_local", "ula", "denied_cidr",
+    "invalid", "invalid_port",
+)
 # Every limit that can refuse something (requests, answers, packets, connections).
 LIMITS = (
     "user_quota", "max_allocations", "permissions", "channels", "allocation_bandwidth",
@@ -206,7 +212,7 @@ class TurnCollector(Collector):
                        "reason", _with_zeros(stats.auth_failures, AUTH_FAILURE_REASONS))
         yield _counter("turn_peer_policy_refusals_total", "Peer addresses refused by the peer policy "
                        "(CreatePermission, ChannelBind, Send), by reason.",
-                       "reason", sorted(stats.policy_refusals.items()))
+                       "reason", _with_zeros(stats.policy_refusals, POLICY_REASONS))
         yield _counter("turn_dropped_packets_total", "Packets dropped without an answer, by reason.",
                        "reason", _with_zeros(stats.dropped, DROP_REASONS))
         limits = dict(stats.limit_refusals)

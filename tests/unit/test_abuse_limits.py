@@ -434,3 +434,26 @@ def test_limits_are_counted_in_the_metrics() -> None:
     assert 'turn_limit_refusals_total{limit="channels"} 1.0' in text
     assert 'turn_limit_refusals_total{limit="challenge_rate"} 0.0' in text
     assert "turn_timer_entries " in text
+
+
+def test_a_policy_refusal_names_the_rule_in_its_reason_phrase() -> None:
+    h = make_core(allow=("203.0.113.0/24", "192.0.2.0/24"))
+    client = Client(h)
+    client.allocate()
+    listening = client.bind(0.0, 0x4000, ("192.0.2.1", 3478))  # the harness's listener
+    assert listening.get(Attr.ERROR_CODE) == (
+        403, "Peer is a listening port of this server or a relay port it does not hold")
+    loopback = client.bind(0.0, 0x4001, ("127.0.0.1", 9))
+    assert loopback.get(Attr.ERROR_CODE) == (403, "Peer address not allowed (loopback)")
+
+
+def test_policy_refusal_series_are_exported_at_zero() -> None:
+    from prometheus_client import generate_latest
+
+    from turnserver.metrics import POLICY_REASONS, build_registry
+
+    from .test_metrics import fake_server
+
+    text = generate_latest(build_registry(fake_server(make_core().core), process=False)).decode()
+    for reason in POLICY_REASONS:
+        assert f'turn_peer_policy_refusals_total{{reason="{reason}"}} 0.0' in text

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..auth import CredentialStore, NonceManager
-from ..config import Config, format_hostport, load_secrets, parse_hostport, reload_plan
+from ..config import Config, format_hostport, parse_hostport, reload_plan
 from ..metrics import Observability
 from ..policy import PeerPolicy
-from ..turn.allocation import Address, Allocation, FiveTuple
+from ..turn.allocation import Address, Allocation
 from ..turn.core import CoreConfig, SendToPeer, TurnCore
 from .interfaces import host_addresses
 from .relay import RelayPortPool, UdpRelay, detect_relay_addresses, send_to_peer

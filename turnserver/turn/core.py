@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -79,6 +80,18 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 _DATA_INDICATION_MAX = {1: (0xFFFF - 12 - 4) & ~3, 2: (0xFFFF - 24 - 4) & ~3}
 # RFC 8489 §14.9: UNKNOWN-ATTRIBUTES in a 420 lists at most this many types (coturn's limit).
 MAX_UNKNOWN_LISTED = 128
+# Authentication failures are logged one line each (for fail2ban and incident response), at most
+# this many in a burst and per second from one source address.
+_AUTH_LOG_BURST = 5
+_AUTH_LOG_RATE_S = 0.2
+# Reason phrases of a 403 that name the policy's rule, so an operator can tell them apart.
+_POLICY_PHRASES = {
+    "own_port": "Peer is a listening port of this server or a relay port it does not hold",
+    "own_address": "Peer is an address of this host",
+    "denied_cidr": "Peer address denied by denied_peers",
+}
+_log = logging.getLogger("turnd.auth")
+_policy_log = logging.getLogger("turnd.policy")
 # Distinct peer IPs remembered per allocation for its usage record; beyond, only counted.
 _PEERS_SEEN_MAX = 1024
 # The deadline heap is rebuilt without dead entries once they are at least this many and
@@ -186,6 +199,9 @@ class TurnCore:
         self._timer_seq = 0
         self._dead_timers = 0  # heap entries known to be stale (see _compact_timers)
         self._challenges = self._new_challenge_limiter(config)
+        self._auth_log = SourceRateLimiter(_AUTH_LOG_RATE_S, _AUTH_LOG_BURST,
+                                           seed=int.from_bytes(self.random_bytes(8), "big"),
+                                           slots=1024)
         self.bandwidth_up = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
         self.bandwidth_down = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
 
@@ -505,7 +521,6 @@ class TurnCore:
 
     def _authenticate(self, msg: Message, five_tuple: FiveTuple, now: float) -> _Auth:
         """RFC 8489 §9.2.4, long-term credentials, in the RFC's order."""
-        stats = self.stats
         has_mi = Attr.MESSAGE_INTEGRITY in msg
         has_mi256 = Attr.MESSAGE_INTEGRITY_SHA256 in msg
         if not has_mi and not has_mi256:
@@ -514,11 +529,12 @@ class TurnCore:
         user_hash = msg.get(Attr.USERHASH)
         nonce = msg.get(Attr.NONCE)
         if (username is None and user_hash is None) or msg.get(Attr.REALM) is None or nonce is None:
-            stats.auth_failures["bad_request"] += 1
+            self._auth_failed("bad_request", msg, five_tuple, username, now)
             raise error(400, "Missing USERNAME, REALM or NONCE", label="auth")
         verdict = self.nonces.check(nonce, five_tuple[1][0])
         if verdict != "ok":
-            stats.auth_failures["stale_nonce" if verdict == "stale" else "bad_nonce"] += 1
+            self._auth_failed("stale_nonce" if verdict == "stale" else "bad_nonce", msg, five_tuple,
+                              username, now)
             raise error(438, label="auth")
         algorithm = ALGORITHM_MD5
         algorithms = msg.get(Attr.PASSWORD_ALGORITHMS)
@@ -527,22 +543,22 @@ class TurnCore:
             # RFC 8489 §9.2.4: both present, PASSWORD-ALGORITHMS the list we sent, and
             # PASSWORD-ALGORITHM one of its entries, parameters included.
             if algorithms is None or chosen is None or list(algorithms) != SERVER_PASSWORD_ALGORITHMS:
-                stats.auth_failures["bad_request"] += 1
+                self._auth_failed("bad_request", msg, five_tuple, username, now)
                 raise error(400, "PASSWORD-ALGORITHMS mismatch", label="auth")
             if chosen not in SERVER_PASSWORD_ALGORITHMS:
-                stats.auth_failures["bad_request"] += 1
+                self._auth_failed("bad_request", msg, five_tuple, username, now)
                 raise error(400, "Unsupported PASSWORD-ALGORITHM", label="auth")
             algorithm = chosen[0]
         if username is None:
             found = self.credentials.lookup_userhash(user_hash, algorithm)
             if found is None:
-                stats.auth_failures["unknown_user"] += 1
+                self._auth_failed("unknown_user", msg, five_tuple, None, now)
                 raise error(401, label="auth")
             username, keys = found
         else:
             keys = self.credentials.lookup(username, algorithm)
         if not keys:
-            stats.auth_failures["unknown_user"] += 1
+            self._auth_failed("unknown_user", msg, five_tuple, username, now)
             raise error(401, label="auth")
         key = None
         for candidate in keys:
@@ -554,16 +570,32 @@ class TurnCore:
                 key = candidate
                 break
         if key is None:
-            stats.auth_failures["bad_integrity"] += 1
+            self._auth_failed("bad_integrity", msg, five_tuple, username, now)
             raise error(401, label="auth")
         if self.credentials.is_expired(username):
             # An expired REST username never makes a new allocation; whether it may keep an
             # existing one alive is the operator's choice (allow_refresh_after_expiry).
             if msg.method == Method.ALLOCATE or not self.config.allow_refresh_after_expiry:
-                stats.auth_failures["expired_username"] += 1
+                self._auth_failed("expired_username", msg, five_tuple, username, now)
                 raise error(401, "Credentials expired", label="auth")
         integrity = "both" if (has_mi and has_mi256) else ("sha256" if has_mi256 else "sha1")
         return _Auth(username, key, algorithm, integrity)
+
+    def _auth_failed(self, reason: str, msg: Message, five_tuple: FiveTuple, username: Any,
+                     now: float) -> None:
+        """Count an authentication failure and log it, one line with the client's address,
+        the user part and the reason (never a password, key or nonce), rate-limited per
+        source. A stale nonce is routine (the client retries with the fresh one): debug."""
+        self.stats.auth_failures[reason] += 1
+        level = logging.DEBUG if reason == "stale_nonce" else logging.WARNING
+        if not _log.isEnabledFor(level) or not self._auth_log.allow(five_tuple[1][0], now):
+            return
+        user = _printable(self.credentials.quota_user(username)) if isinstance(username, str) else "-"
+        # The fields make the line: "authentication failed client=IP port=N reason=... user=..."
+        # in text (what fail2ban matches, docs/deploy.md), an object in JSON.
+        _log.log(level, "authentication failed", extra={"auth_failure": {
+            "client": five_tuple[1][0], "port": five_tuple[1][1], "reason": reason, "user": user,
+            "method": METHOD_NAMES.get(msg.method, "other"), "transport": five_tuple[0]}})
 
     def _allocation_for(self, auth: _Auth, five_tuple: FiveTuple, now: float) -> Allocation:
         allocation = self.allocations.get(five_tuple)
@@ -756,7 +788,11 @@ class TurnCore:
         ip = decision.ip
         if not decision.allowed or ip is None:
             self.stats.policy_refusals[decision.reason] += 1
-            raise error(403, "Peer address not allowed", label="policy")
+            _policy_log.debug("peer %s refused for user %s: %s",
+                              _hostport(peer) if with_port else peer[0],
+                              _printable(allocation.quota_key), decision.reason)
+            phrase = _POLICY_PHRASES.get(decision.reason, f"Peer address not allowed ({decision.reason})")
+            raise error(403, phrase, label="policy")
         # The policy's IP: canonical, an external address replaced by its bound relay address.
         return (ip, peer[1]), decision.held_check
 
@@ -1065,6 +1101,17 @@ def canonical_ip(text: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
+
+
+def _hostport(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A client-chosen name made safe for one log line: printable ASCII, bounded."""
+    out = "".join(ch if " " < ch < "\x7f" else "?" for ch in text[:limit])
+    return out + ("..." if len(text) > limit else "")
 
 
 def _refusal_reason(exc: TurnError) -> str:
