@@ -19,8 +19,9 @@ from .config import (
     SECRETS_ENV,
     Config,
     ConfigError,
-    check_config,
     click_options,
+    config_warnings,
+    load_and_check,
     load_config,
     load_secrets,
     weak_secret_warnings,
@@ -39,11 +40,8 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _load(config_path: str | None, kwargs: dict[str, Any]) -> Config:
     """Load and check the configuration; every problem at once, then exit 2."""
-    try:
-        config = load_config(config_path, env=os.environ, overrides=overrides_from_click(kwargs))
-    except ConfigError as exc:
-        _fail(f"configuration has problems:\n{exc}")
-    problems = check_config(config)
+    config, problems = load_and_check(config_path, env=os.environ,
+                                      overrides=overrides_from_click(kwargs))
     if problems:
         _fail("configuration has problems:\n" + "\n".join(str(p) for p in problems))
     return config
@@ -73,12 +71,12 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
         from .auth import CredentialStore
 
         static_users = CredentialStore.load_static_users(config.static_users_file)
+    for problem in config_warnings(config):
+        logging.getLogger("turnd").warning("%s", problem)
     generated = not secrets and not static_users
     if generated:
         secrets = [_generated_secret().encode()]
     else:
-        import logging
-
         for warning in weak_secret_warnings(secrets):
             logging.getLogger("turnd").warning("%s", warning)
     from .io.run import run_server, settings_loader

@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ __all__ = [
     "Option",
     "Problem",
     "check_config",
+    "config_warnings",
     "click_options",
+    "load_and_check",
     "load_config",
     "load_secrets",
     "weak_secret_warnings",
@@ -561,6 +564,16 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     None, DEFAULT_CONFIG_PATH is read if it exists; an explicit path must exist.
     ``env`` None means ``os.environ``.
     """
+    config, problems = _load(path, env, overrides)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _load(path: str | None, env: Mapping[str, str] | None,
+          overrides: Mapping[str, object] | None) -> tuple[Config, list[Problem]]:
+    """The Config from every source, with each value that could not be converted left at its
+    default, and the problems found; never raises."""
     environ: Mapping[str, str] = os.environ if env is None else env
     problems: list[Problem] = []
     values: dict[str, object] = {}
@@ -568,11 +581,31 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
         path = DEFAULT_CONFIG_PATH
     if path is not None:
         values.update(_read_toml(path, problems))
-    values.update(_from_env(environ, problems))
-    values.update(_from_overrides(overrides or {}, problems))
-    if problems:
-        raise ConfigError(problems)
-    return Config(**values)  # type: ignore[arg-type]
+    env_values = _from_env(environ, problems)
+    flag_values = _from_overrides(overrides or {}, problems)
+    values.update(env_values)
+    values.update(flag_values)
+    # A bad value from a stronger source must not leave a weaker source's good one in force.
+    bad = {p.option for p in problems}
+    values = {k: v for k, v in values.items() if k not in bad}
+    return Config(**values), problems  # type: ignore[arg-type]
+
+
+def load_and_check(path: str | None = None, *, env: Mapping[str, str] | None = None,
+                   overrides: Mapping[str, object] | None = None) -> tuple[Config, list[Problem]]:
+    """Load and deep-check in one pass: every problem that can be found, at once.
+
+    Values that cannot be converted are reported and replaced by their defaults for the deep
+    checks, whose problems about the same options are then left out (they would be about the
+    default, not about what the operator wrote). A configuration file that cannot be read or
+    parsed at all is reported alone.
+    """
+    config, problems = _load(path, env, overrides)
+    if any(p.option == "config" for p in problems):
+        return config, problems
+    reported = {p.option for p in problems}
+    problems.extend(p for p in check_config(config) if p.option not in reported)
+    return config, problems
 
 
 # RFC 4086 §8 and NIST SP 800-107: an HMAC key should carry at least 128 bits.
@@ -929,8 +962,6 @@ def _check_tls(config: Config, problems: list[Problem]) -> None:
     if key_path is None:
         problems.append(Problem("tls_key_file", "tls_cert_file is set but tls_key_file is not"))
     # Imported here: only needed when TLS files are configured, and it is a heavy import.
-    import datetime
-
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -947,16 +978,9 @@ def _check_tls(config: Config, problems: list[Problem]) -> None:
                 problems.append(Problem("tls_cert_file",
                                         f"{cert_path} holds no PEM certificate"))
             else:
+                # Its dates are a warning (config_warnings), not a problem: an expired
+                # certificate must not take UDP and TCP down with TLS, nor block a reload.
                 cert = chain[0]
-                now = datetime.datetime.now(datetime.timezone.utc)
-                if cert.not_valid_after_utc < now:
-                    problems.append(Problem("tls_cert_file",
-                                            f"the certificate in {cert_path} expired on "
-                                            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"))
-                elif cert.not_valid_before_utc > now:
-                    problems.append(Problem("tls_cert_file",
-                                            f"the certificate in {cert_path} is not valid until "
-                                            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"))
     key = None
     if key_path is not None:
         data = _read_file(key_path, "tls_key_file", problems)
@@ -1075,6 +1099,55 @@ def _check_operations(config: Config, listeners: list[_Endpoint],
                                             f"{other.text}"))
 
 
+# A certificate this close to its expiry is warned about (and the metrics alert fires).
+CERT_WARNING_DAYS = 14
+
+
+def config_warnings(config: Config, *, now: float | None = None) -> list[Problem]:
+    """What is wrong but must not stop the server: a TLS certificate expired, not yet valid
+    or expiring within CERT_WARNING_DAYS (TLS keeps serving it, as coturn does: UDP and TCP
+    must not go down with it, and a browser reports the expiry plainly), and files holding
+    secrets that other users can read. Never raises; unreadable files are check_config's."""
+    import datetime
+
+    out: list[Problem] = []
+    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    if config.tls_cert_file:
+        try:
+            from cryptography import x509
+
+            with open(config.tls_cert_file, "rb") as handle:
+                chain = x509.load_pem_x509_certificates(handle.read())
+        except (OSError, ValueError, ImportError):
+            chain = []
+        if chain:
+            cert = chain[0]
+            after, before = cert.not_valid_after_utc, cert.not_valid_before_utc
+            if after < when:
+                out.append(Problem("tls_cert_file", f"the certificate in {config.tls_cert_file} "
+                                   f"expired on {after:%Y-%m-%d %H:%M} UTC; TLS clients will "
+                                   "refuse it (TLS keeps serving it, UDP and TCP are unaffected)"))
+            elif before > when:
+                out.append(Problem("tls_cert_file", f"the certificate in {config.tls_cert_file} "
+                                   f"is not valid until {before:%Y-%m-%d %H:%M} UTC"))
+            elif after - when < datetime.timedelta(days=CERT_WARNING_DAYS):
+                out.append(Problem("tls_cert_file", f"the certificate in {config.tls_cert_file} "
+                                   f"expires on {after:%Y-%m-%d %H:%M} UTC, in "
+                                   f"{(after - when).days} day(s)"))
+    for option in ("secrets_file", "static_users_file", "tls_key_file"):
+        path = getattr(config, option)
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if mode & 0o004:
+            out.append(Problem(option, f"{path} is readable by every user (mode "
+                               f"{mode & 0o777:04o}); it holds secrets: chmod 0600 or 0640"))
+    return out
+
+
 def check_config(config: Config) -> list[Problem]:
     """Every problem with ``config`` that can be found without starting the server.
 
@@ -1087,7 +1160,13 @@ def check_config(config: Config) -> list[Problem]:
         if message is not None:
             problems.append(Problem(option.name, message))
     if problems:
-        # Later checks assume well-typed fields; stop at the first layer of problems.
+        # The deeper checks assume well-typed fields: they run on the defaults of the bad
+        # ones, and say nothing more about those.
+        bad = {p.option for p in problems}
+        defaults = Config()
+        config = dataclasses.replace(config, **{name: getattr(defaults, name) for name in bad})
+        deeper = check_config(config)
+        problems.extend(p for p in deeper if p.option not in bad)
         return problems
     listeners = _check_listeners(config, problems)
     _check_relay(config, listeners, problems)

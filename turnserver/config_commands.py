@@ -14,11 +14,10 @@ import turnserver.config as config_module
 from turnserver.config import (
     CONFIG_ENV,
     Config,
-    ConfigError,
     Problem,
-    check_config,
     click_options,
-    load_config,
+    config_warnings,
+    load_and_check,
     load_secrets,
     weak_secret_warnings,
     overrides_from_click,
@@ -85,11 +84,7 @@ def check(config_path: str | None, **flags: Any) -> None:
     Prints "configuration OK" and a summary (exit 0), or every problem as "option: message"
     on stderr (exit 2).
     """
-    try:
-        config = load_config(config_path, overrides=overrides_from_click(flags))
-    except ConfigError as exc:
-        _fail(exc.problems)
-    problems = check_config(config)
+    config, problems = load_and_check(config_path, overrides=overrides_from_click(flags))
     if problems:
         _fail(problems)
     # check_config has just read secrets_file and found no problem with it.
@@ -97,6 +92,8 @@ def check(config_path: str | None, **flags: Any) -> None:
     secrets_count = len(secrets)
     for warning in weak_secret_warnings(secrets):
         click.echo(f"warning: {warning}", err=True)
+    for problem in config_warnings(config):
+        click.echo(f"warning: {problem}", err=True)
     click.echo("configuration OK")
     click.echo("  file: " + (_config_file_used(config_path) or "none (built-in defaults, "
                                                                 "environment and flags)"))

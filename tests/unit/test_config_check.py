@@ -260,14 +260,74 @@ def test_encrypted_key(tmp_path: Path) -> None:
     assert "encrypted" in problems[0].message
 
 
-def test_expired_and_not_yet_valid_certificates(tmp_path: Path) -> None:
-    cert, key = make_cert(tmp_path, "old", days_from=-30, days_to=-1)
-    problems = check(with_(tls_cert_file=cert, tls_key_file=key))
-    assert [p.option for p in problems] == ["tls_cert_file"]
-    assert "expired" in problems[0].message
-    cert, key = make_cert(tmp_path, "new", days_from=2, days_to=30)
-    problems = check(with_(tls_cert_file=cert, tls_key_file=key))
-    assert "not valid until" in problems[0].message
+def test_expired_and_not_yet_valid_certificates_are_warnings_not_problems(tmp_path: Path) -> None:
+    # An expired certificate must not stop UDP and TCP, nor block an unrelated reload.
+    from turnserver.config import config_warnings
+
+    def private(cert_key: tuple[str, str]) -> tuple[str, str]:
+        Path(cert_key[1]).chmod(0o600)  # a key every user can read is warned about as well
+        return cert_key
+
+    cert, key = private(make_cert(tmp_path, "old", days_from=-30, days_to=-1))
+    config = with_(tls_cert_file=cert, tls_key_file=key)
+    assert check(config) == []
+    warnings = config_warnings(config)
+    assert [p.option for p in warnings] == ["tls_cert_file"] and "expired" in warnings[0].message
+    cert, key = private(make_cert(tmp_path, "new", days_from=2, days_to=30))
+    assert check(with_(tls_cert_file=cert, tls_key_file=key)) == []
+    assert "not valid until" in config_warnings(with_(tls_cert_file=cert, tls_key_file=key))[0].message
+    cert, key = private(make_cert(tmp_path, "soon", days_from=-30, days_to=5))
+    assert "expires on" in config_warnings(with_(tls_cert_file=cert, tls_key_file=key))[0].message
+    cert, key = private(make_cert(tmp_path, "fine", days_from=-1, days_to=90))
+    assert config_warnings(with_(tls_cert_file=cert, tls_key_file=key)) == []
+
+
+def test_files_with_secrets_that_every_user_can_read_are_warned_about(tmp_path: Path) -> None:
+    from turnserver.config import config_warnings
+
+    secrets = tmp_path / "secrets"
+    secrets.write_text("a" * 64 + "\n")
+    users = tmp_path / "users"
+    users.write_text("alice:password\n")
+    secrets.chmod(0o644)
+    users.chmod(0o640)
+    warnings = config_warnings(with_(secrets_file=str(secrets), static_users_file=str(users)))
+    assert [p.option for p in warnings] == ["secrets_file"]
+    assert "0644" in warnings[0].message and "a" * 64 not in warnings[0].message
+    secrets.chmod(0o600)
+    assert config_warnings(with_(secrets_file=str(secrets), static_users_file=str(users))) == []
+
+
+def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
+    # A type error no longer hides the deeper checks: bad CIDRs and unreadable certificates
+    # come out in the same run.
+    from turnserver.config import load_and_check
+
+    path = tmp_path / "turnd.toml"
+    path.write_text('relay_port_min = "lots"\nallowed_peers = ["10.0.0.0/33"]\n'
+                    f'tls_cert_file = "{tmp_path / "missing.pem"}"\n'
+                    f'tls_key_file = "{tmp_path / "missing.key"}"\n'
+                    'listen_udp = ["127.0.0.1:3478"]\nlisten_tcp = []\nlisten_tls = []\n'
+                    'relay_addresses = ["127.0.0.1"]\n')
+    _, problems = load_and_check(str(path), env={})
+    options = {p.option for p in problems}
+    assert {"relay_port_min", "allowed_peers", "tls_cert_file", "tls_key_file"} <= options, problems
+    # The environment too: two bad variables, both reported.
+    _, problems = load_and_check(None, env={"TURND_RELAY_PORT_MIN": "abc",
+                                            "TURND_LISTEN_UDP": "nonsense:99999",
+                                            "TURND_LISTEN_TCP": "", "TURND_LISTEN_TLS": "",
+                                            "TURND_RELAY_ADDRESSES": "127.0.0.1"})
+    assert {"relay_port_min", "listen_udp"} <= {p.option for p in problems}, problems
+
+
+def test_a_bad_value_from_a_flag_does_not_leave_the_files_value_in_force(tmp_path: Path) -> None:
+    from turnserver.config import load_and_check
+
+    path = tmp_path / "turnd.toml"
+    path.write_text("relay_port_min = 40000\n")
+    config, problems = load_and_check(str(path), env={}, overrides={"relay_port_min": "abc"})
+    assert [p.option for p in problems][:1] == ["relay_port_min"]
+    assert config.relay_port_min == Config().relay_port_min
 
 
 # -- secrets and static users -------------------------------------------------------------------

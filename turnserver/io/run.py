@@ -24,8 +24,8 @@ from ..config import (
     Config,
     ConfigError,
     Problem,
-    check_config,
-    load_config,
+    config_warnings,
+    load_and_check,
     load_secrets,
     weak_secret_warnings,
 )
@@ -71,8 +71,7 @@ def settings_loader(config_path: str | None, overrides: Mapping[str, object], *,
     fixed_overrides = dict(overrides)
 
     def load() -> Settings:
-        config = load_config(config_path, env=environ, overrides=fixed_overrides)
-        problems = check_config(config)
+        config, problems = load_and_check(config_path, env=environ, overrides=fixed_overrides)
         if problems:
             raise ConfigError(problems)
         secrets = load_secrets(config, environ)
@@ -272,7 +271,15 @@ class Daemon:
                 log.error("reload: %s", problem)
             log.error("reload refused: %d problem(s) in the new configuration; still running on "
                       "the previous one", len(exc.problems))
+            streams = self.server.streams
+            if streams is not None and streams.tls is not None and any(
+                    p.option in ("tls_cert_file", "tls_key_file") for p in exc.problems):
+                # The certificate was refused before the TLS loader saw it: a failed TLS
+                # reload all the same (turn_tls_reloads_total{result="failed"}).
+                streams.tls.reloads_failed += 1
             return False
+        for problem in config_warnings(settings.config):
+            log.warning("reload: %s", problem)
         server = self.server
         secrets, static_users = settings.secrets, settings.static_users
         if not secrets and not static_users:
