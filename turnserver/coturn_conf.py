@@ -101,6 +101,9 @@ class _State:
     denied: list[str] = field(default_factory=list)
     relay: list[str] = field(default_factory=list)
     external: list[str] = field(default_factory=list)
+    no_tcp_relay: bool = False
+    stun_only: bool = False
+    keys: set[str] = field(default_factory=set)  # every coturn option the file mentions
     notes: list[str] = field(default_factory=list)
 
 
@@ -254,6 +257,13 @@ def _external_ip(state: _State, line: CoturnLine) -> None:
                            "carried over")
         return
     state.external.append(f"{public}={private}")
+
+
+def _state_flag(name: str) -> Handler:
+    """A coturn on/off option remembered on the state, for _finish to explain."""
+    def handler(state: _State, line: CoturnLine) -> None:
+        setattr(state, name, _flag_on(line))
+    return handler
 
 
 @_needs_value
@@ -414,7 +424,7 @@ _HANDLERS: dict[str, Handler] = {
     "relay-device": _explain("turnd binds addresses, not devices; use relay_addresses"),
     "relay-threads": _explain(_THREADS),
     "general-threads": _explain(_THREADS),
-    "no-tcp-relay": _ignore,  # turnd relays UDP only (RFC 8656), so this is its behaviour.
+    "no-tcp-relay": _state_flag("no_tcp_relay"),
     "no-udp-relay": _explain("turnd relays UDP (RFC 8656); TCP allocations (RFC 6062) are "
                              "not offered, so this cannot be reproduced"),
     "keep-address-family": _explain("turnd follows RFC 8656 §7.2 address family selection"),
@@ -472,8 +482,7 @@ _HANDLERS: dict[str, Handler] = {
     "max-bps": _integer("allocation_bandwidth_bytes_s", _COUNT),
     "bps-capacity": _integer("server_bandwidth_bytes_s", _COUNT),
     "max-allocate-timeout": _explain("not configurable"),
-    "stun-only": _explain("turnd always serves TURN; leave credentials unset to refuse "
-                          "Allocates"),
+    "stun-only": _state_flag("stun_only"),
     "no-stun": _explain("Binding requests are always answered"),
     "no-rfc5780": _ignore,  # turnd never implements RFC 5780, so never amplifies with it.
     "no-stun-backward-compatibility": _ignore,  # responses carry XOR-MAPPED-ADDRESS (RFC 8489).
@@ -525,7 +534,10 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
                                                      for h in hosts]
     values["listen_tcp"] = [] if state.no_tcp else [format_hostport(h, state.listening_port)
                                                      for h in hosts]
-    tls_on = not state.no_tls and state.cert is not None
+    # turnd needs both files: with one missing (coturn then looked for its default file),
+    # neither is written and TLS stays off, so that `turnd check` accepts the result.
+    tls_files = state.cert is not None and state.pkey is not None
+    tls_on = not state.no_tls and tls_files
     values["listen_tls"] = [format_hostport(h, state.tls_port) for h in hosts] if tls_on else []
     if not state.no_tls and state.cert is None:
         state.notes.append("tls: no cert option, so listen_tls is left empty (coturn serves TLS "
@@ -535,7 +547,7 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
         state.notes.append("dtls: coturn also served DTLS on the TLS port; turnd has no DTLS, "
                            "clients must use UDP, TCP or TLS")
     for name, path in (("tls_cert_file", state.cert), ("tls_key_file", state.pkey)):
-        if path is None:
+        if path is None or not tls_files:
             continue
         if not os.path.isabs(path):
             if base_dir is not None:
@@ -549,12 +561,43 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
     if (state.cert is None) != (state.pkey is None):
         missing = "pkey" if state.pkey is None else "cert"
         state.notes.append(f"{missing}: not set, so coturn looked for its default "
-                           f"turn_server_{missing}.pem; set tls_key_file and tls_cert_file "
-                           "to the files actually used")
+                           f"turn_server_{missing}.pem; listen_tls is left empty: set "
+                           "tls_cert_file and tls_key_file to the files actually used, and "
+                           "listen_tls")
     if state.relay:
         values["relay_addresses"] = state.relay
     if state.external:
-        values["external_addresses"] = state.external
+        values["external_addresses"] = _external_entries(state)
+    # coturn's limits default to unlimited; turnd's do not. Say what applies now.
+    if "user-quota" not in state.keys:
+        state.notes.append("user-quota: unset, so coturn allowed any number of allocations per "
+                           "user; turnd allows 32 (user_quota) per user part of a REST username, "
+                           "as coturn counts it: raise it if many clients share one user part")
+    if "total-quota" not in state.keys:
+        state.notes.append("total-quota: unset, so coturn allowed any number of allocations; "
+                           "turnd allows 10000 (max_allocations)")
+    if "max-bps" not in state.keys:
+        state.notes.append("max-bps: unset, so coturn did not limit a session's bandwidth; "
+                           "turnd caps each allocation at 625000 bytes/s (5 Mbit/s) each way "
+                           "(allocation_bandwidth_bytes_s)")
+    if not state.no_tcp_relay:
+        state.notes.append("no-tcp-relay: absent, so coturn offered TCP relay allocations "
+                           "(RFC 6062); turnd relays to peers over UDP only and answers 442 "
+                           "to a TCP allocation, so clients that need TCP toward peers cannot "
+                           "use it")
+    if state.stun_only:
+        state.notes.append("stun-only: turnd has no STUN-only mode; it answers Binding without "
+                           "credentials and serves TURN to holders of a credential, and with "
+                           "no secrets_file or static_users_file it generates a secret and "
+                           "serves TURN. Configure a secret that you give to nobody to keep "
+                           "TURN closed")
+    for path in (state.cert, state.pkey):
+        if path and os.path.normpath(path).startswith("/etc/letsencrypt/"):
+            state.notes.append(f"cert/pkey: {path} is under /etc/letsencrypt, which only root "
+                               "can read and turnd does not run as root: copy the files to "
+                               "/etc/turnd/tls with a certbot deploy hook (docs/deploy.md, "
+                               "section 5) and point tls_cert_file and tls_key_file there")
+            break
     if state.allowed:
         values["allowed_peers"] = state.allowed
     if state.denied:
@@ -591,6 +634,31 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
     return values
 
 
+def _external_entries(state: _State) -> list[str]:
+    """external_addresses as turnd reads them. A plain "EXT" is valid for a single relay
+    address only; with several, it becomes "EXT=BOUND" for the first relay address of its
+    family (coturn's plain external-ip maps onto its first relay address), with a note."""
+    plain = [e for e in state.external if "=" not in e]
+    if len(state.relay) <= 1 or not plain:
+        return list(state.external)
+    out = []
+    for entry in state.external:
+        if "=" in entry:
+            out.append(entry)
+            continue
+        family = ":" in entry
+        bound = next((r for r in state.relay if (":" in r) == family), None)
+        if bound is None:
+            state.notes.append(f"external-ip: {entry} has no relay address of its family; not "
+                               "carried over")
+            continue
+        out.append(f"{entry}={bound}")
+        state.notes.append(f"external-ip: {entry} written as \"{entry}={bound}\" (several "
+                           "relay addresses need the EXT=BOUND form); check that it is the "
+                           "relay address behind that public address")
+    return out
+
+
 def _render(values: dict[str, object]) -> str:
     out = ["# turnd configuration converted from a coturn turnserver.conf by "
            "`turnd convert-coturn`.",
@@ -614,6 +682,7 @@ def convert(text: str, *, base_dir: str | None = None) -> tuple[str, list[str]]:
     """
     state = _State()
     for line in parse_coturn(text):
+        state.keys.add(line.key)
         handler = _HANDLERS.get(line.key)
         if handler is None:
             _note(state, line, "unknown coturn option; not carried over", show_value=False)

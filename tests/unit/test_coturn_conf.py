@@ -9,7 +9,30 @@ import pytest
 
 from turnserver import config as cfg
 from turnserver.config import Config, load_config
-from turnserver.coturn_conf import DEFAULT_SECRETS_PATH, convert, parse_coturn
+from turnserver.config import load_and_check
+from turnserver.coturn_conf import DEFAULT_SECRETS_PATH, parse_coturn
+from turnserver.coturn_conf import convert as _convert
+
+# What `turnd check` may say of a converted file on this machine and nowhere else: the files it
+# names do not exist here, and the addresses are another host's.
+_ENVIRONMENTAL = ("cannot read", "is not an address of this host", "holds no")
+
+
+def convert(text: str, **kwargs: object) -> tuple[str, list[str]]:
+    """The converter, with its output put through `turnd check`'s checks every time: every
+    input in these tests yields a file that check accepts, apart from this machine."""
+    toml_text, notes = _convert(text, **kwargs)  # type: ignore[arg-type]
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "converted.toml")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(toml_text)
+        _, problems = load_and_check(path, env={})
+    structural = [p for p in problems if not any(m in p.message for m in _ENVIRONMENTAL)]
+    assert structural == [], (structural, toml_text)
+    return toml_text, notes
 
 CONF = Path(__file__).resolve().parents[1] / "data" / "coturn" / "turnserver.conf"
 SECRET = "9f8e7d6c5b4a39281706f5e4d3c2b1a0s3cr3t"
@@ -247,9 +270,10 @@ def test_use_auth_secret_without_a_static_secret(tmp_path: Path) -> None:
 
 
 def test_unknown_options_each_get_a_note() -> None:
-    _, notes = convert("frobnicate=1\nquux\nno-tls\n")
-    assert notes == ["line 1: frobnicate: unknown coturn option; not carried over",
-                     "line 2: quux: unknown coturn option; not carried over"]
+    _, notes = convert("frobnicate=1\nquux\nno-tls\nno-tcp-relay\n")
+    assert [n for n in notes if not n.startswith(("user-quota", "total-quota", "max-bps"))] == [
+        "line 1: frobnicate: unknown coturn option; not carried over",
+        "line 2: quux: unknown coturn option; not carried over"]
 
 
 def test_bad_numbers_are_noted_not_carried(tmp_path: Path) -> None:
@@ -257,7 +281,8 @@ def test_bad_numbers_are_noted_not_carried(tmp_path: Path) -> None:
     config = load(tmp_path, toml_text)
     assert (config.relay_port_min, config.relay_port_max) == (49152, 65535)
     assert config.user_quota == Config().user_quota  # -1 is not carried: the default stays
-    assert len(notes) == 5  # four bad lines + no TLS without a cert
+    # four bad lines, no TLS without a cert, RFC 6062, coturn's unlimited total-quota and max-bps
+    assert len(notes) == 8, notes
     assert any("needs a value" in n for n in notes_about(notes, "realm"))
 
 
@@ -274,5 +299,50 @@ def test_relative_cert_paths(tmp_path: Path) -> None:
 def test_cert_without_pkey_is_noted(tmp_path: Path) -> None:
     toml_text, notes = convert("cert=/etc/ssl/turn.pem\n")
     config = load(tmp_path, toml_text)
-    assert config.tls_cert_file == "/etc/ssl/turn.pem" and config.tls_key_file is None
-    assert any("turn_server_pkey.pem" in n for n in notes)
+    # Half a TLS configuration is one that check refuses: neither file, TLS off, a note.
+    assert config.tls_cert_file is None and config.tls_key_file is None
+    assert config.listen_tls == ()
+    assert any("turn_server_pkey.pem" in n and "listen_tls" in n for n in notes)
+
+
+# -- what the converter used to get wrong ---------------------------------------------------------
+
+
+def test_two_relay_addresses_with_one_external_ip_become_ext_equals_bound(tmp_path: Path) -> None:
+    toml_text, notes = convert("relay-ip=10.0.0.5\nrelay-ip=10.0.0.6\nexternal-ip=198.51.100.7\n")
+    data = tomllib.loads(toml_text)
+    assert data["external_addresses"] == ["198.51.100.7=10.0.0.5"]
+    assert any("EXT=BOUND" in n for n in notes_about(notes, "external-ip"))
+    single, _ = convert("relay-ip=10.0.0.5\nexternal-ip=198.51.100.7\n")
+    assert tomllib.loads(single)["external_addresses"] == ["198.51.100.7"]
+
+
+def test_a_letsencrypt_certificate_gets_a_note_about_the_deploy_hook() -> None:
+    _, notes = convert("cert=/etc/letsencrypt/live/turn.example.com/fullchain.pem\n"
+                       "pkey=/etc/letsencrypt/live/turn.example.com/privkey.pem\n")
+    hook = [n for n in notes if "/etc/letsencrypt" in n and "deploy hook" in n]
+    assert len(hook) == 1 and "/etc/turnd/tls" in hook[0]
+    _, elsewhere = convert("cert=/etc/turnd/tls/fullchain.pem\npkey=/etc/turnd/tls/privkey.pem\n")
+    assert not any("deploy hook" in n for n in elsewhere)
+
+
+def test_stun_only_is_explained_truthfully() -> None:
+    _, notes = convert("stun-only\n")
+    (note,) = [n for n in notes if n.startswith("stun-only")]
+    assert "no STUN-only mode" in note and "generates a secret" in note
+    assert "leave credentials unset" not in note
+
+
+def test_tcp_relay_is_noted_unless_coturn_had_it_off() -> None:
+    _, notes = convert("realm=example.org\n")
+    assert any(n.startswith("no-tcp-relay: absent") and "RFC 6062" in n for n in notes)
+    _, off = convert("realm=example.org\nno-tcp-relay\n")
+    assert not any("RFC 6062" in n for n in off)
+
+
+def test_coturn_limits_left_at_unlimited_are_noted_with_turnds_defaults() -> None:
+    _, notes = convert("realm=example.org\n")
+    quota = [n for n in notes if n.startswith("user-quota")]
+    assert len(quota) == 1 and "32" in quota[0] and "user part" in quota[0]
+    _, set_notes = convert("realm=example.org\nuser-quota=12\ntotal-quota=100\nmax-bps=0\n")
+    assert not any(n.startswith(("user-quota", "total-quota", "max-bps")) for n in set_notes)
