@@ -32,6 +32,9 @@ from .credentials import mint_credentials
 
 log = logging.getLogger("turnd")
 
+# The options of `turnd serve` that `turnd mint` takes as well: what the URLs are made of.
+MINT_OPTIONS = ("listen_udp", "listen_tcp", "listen_tls", "public_host")
+
 
 def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"turnd: {message}", err=True)
@@ -75,16 +78,18 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
         logging.getLogger("turnd").warning("%s", problem)
     generated = not secrets and not static_users
     if generated:
-        secrets = [_generated_secret().encode()]
+        secrets = [_generated_secret(config, config_path).encode()]
     else:
         for warning in weak_secret_warnings(secrets):
             logging.getLogger("turnd").warning("%s", warning)
+    from .config_commands import config_file_used
     from .io.run import run_server, settings_loader
 
     # SIGHUP re-reads the same file with the same flags and environment as this start-up.
     reload_settings = settings_loader(config_path, overrides_from_click(kwargs), env=os.environ)
     sys.exit(run_server(config, secrets=secrets, static_users=static_users, ready_file=ready_file,
-                        reload_settings=reload_settings, generated_secret=generated))
+                        reload_settings=reload_settings, generated_secret=generated,
+                        config_path=config_file_used(config_path)))
 
 
 @main.command()
@@ -100,10 +105,15 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
               envvar="TURND_CONFIG", help="TOML configuration file, for secrets_file, ports and public_host.")
 @click.option("--secrets-file", default=None, type=click.Path(dir_okay=False),
               help=f"File of shared secrets (the first mints). Or set {SECRETS_ENV}.")
+@click_options(only=MINT_OPTIONS)
 def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | None,
-         secrets_file: str | None) -> None:
-    """Mint time-limited TURN REST credentials (the secret never comes from argv)."""
-    overrides: dict[str, Any] = {}
+         secrets_file: str | None, **flags: Any) -> None:
+    """Mint time-limited TURN REST credentials (the secret never comes from argv).
+
+    The URLs name every port the server listens on, read like `turnd serve` reads them: the
+    configuration file, TURND_* variables and the same --listen-* flags (443 first).
+    """
+    overrides: dict[str, Any] = overrides_from_click(flags)
     if secrets_file:
         overrides["secrets_file"] = secrets_file
     try:
@@ -121,7 +131,7 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
     host = host or config.public_host
     ports = _public_ports(config)
     try:
-        creds = mint_credentials(secrets[0], user, ttl, host=host, **ports)
+        creds = mint_credentials(secrets[0], user, ttl, host=host, **ports)  # type: ignore[arg-type]
     except ValueError as exc:
         _fail(f"--user/--ttl: {exc}")
     if fmt == "json":
@@ -136,16 +146,34 @@ def mint(user: str, ttl: int, host: str | None, fmt: str, config_path: str | Non
             click.echo(f"URL={url}")
 
 
-def _generated_secret() -> str:
+def _mint_hint_flags(config: Config, config_path: str | None) -> str:
+    """The flags that make `turnd mint` describe this server: its configuration file and
+    every listener that is not the default (from a flag or the environment, say)."""
+    import shlex
+
+    parts: list[str] = []
+    if config_path:
+        parts += ["--config", config_path]
+    defaults = Config()
+    for name in ("listen_udp", "listen_tcp", "listen_tls"):
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            parts += [item for spec in (value or ("",)) for item in (flag, spec)]
+    return "".join(" " + shlex.quote(part) for part in parts)
+
+
+def _generated_secret(config: Config, config_path: str | None = None) -> str:
     """Embedded defaults: a fresh shared secret for this run, shown once.
 
     On a terminal it is printed (not logged). Anywhere else (systemd, a container) stderr ends
     up in a log, so the secret goes to a file readable only by this user and only its path is
-    printed.
+    printed. The file is this instance's (see _generated_secret_path).
     """
     generated = _secrets.token_urlsafe(32)
     how = ("Mint browser credentials for it with:\n"
-           f"  {SECRETS_ENV}=\"$(cat FILE)\" turnd mint --user alice --host <this host's address>\n"
+           f"  {SECRETS_ENV}=\"$(cat FILE)\" turnd mint --user alice --host <this host's address>"
+           f"{_mint_hint_flags(config, config_path)}\n"
            "Set secrets_file (one secret per line) to keep a secret across restarts.")
     if sys.stderr.isatty():
         click.echo("turnd: no secrets_file configured; generated a shared secret for this run:\n"
@@ -153,9 +181,10 @@ def _generated_secret() -> str:
         return generated
     # systemd's StateDirectory= sets STATE_DIRECTORY (the shipped unit's user has no home).
     directory = os.environ.get("STATE_DIRECTORY") or os.path.expanduser("~")
-    path = os.path.join(directory.split(":")[0], "turnd-generated-secret")
+    path = _generated_secret_path(directory.split(":")[0], config)
     try:
         _write_private(path, generated + "\n")
+        _hold(path)
     except OSError as exc:
         _fail(f"no secrets_file configured, and the shared secret generated for this run cannot "
               f"be written to {path}: {exc.strerror or exc}. Set secrets_file (one secret per "
@@ -163,6 +192,48 @@ def _generated_secret() -> str:
     click.echo(f"turnd: no secrets_file configured; generated a shared secret for this run in {path}\n"
                + how.replace("FILE", path), err=True)
     return generated
+
+
+# The generated secret's file stays locked while the instance that wrote it runs.
+_held: list[int] = []
+
+
+def _generated_secret_path(directory: str, config: Config) -> str:
+    """This instance's file: "turnd-generated-secret" for the default listeners, else keyed
+    by the listeners, so that two instances (one per relay address, as docs/deploy.md has
+    them) never overwrite each other's secret. A file that a running instance holds (a
+    lock) is never reused: the next free name is taken instead."""
+    import fcntl
+    import hashlib
+
+    base = os.path.join(directory, "turnd-generated-secret")
+    defaults = Config()
+    listeners = (config.listen_udp, config.listen_tcp, config.listen_tls)
+    if listeners != (defaults.listen_udp, defaults.listen_tcp, defaults.listen_tls):
+        base += "-" + hashlib.sha256(json.dumps(listeners).encode()).hexdigest()[:8]
+    for attempt in range(100):
+        path = base if attempt == 0 else f"{base}.{attempt + 1}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return path  # absent (or not ours to read): free
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running instance holds it
+        finally:
+            os.close(fd)
+        return path
+    _fail(f"no free file for a generated secret next to {base}: set secrets_file")
+
+
+def _hold(path: str) -> None:
+    """Lock ``path`` for as long as this process runs (the lock goes with the process)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fd)
 
 
 def _write_private(path: str, text: str) -> None:
@@ -182,26 +253,27 @@ def _write_private(path: str, text: str) -> None:
         handle.write(text)
 
 
-def _public_ports(config: Config) -> dict[str, int | None]:
-    """Per transport, the port of its first listener with a fixed port; None for none.
+def _public_ports(config: Config) -> dict[str, list[int] | None]:
+    """Per transport, every fixed port it listens on (each once; None for none).
 
     Port 0 (a port the kernel picks) cannot be put in a URL, so such listeners are skipped.
     A malformed listener is a configuration error (exit 2).
     """
-    ports: dict[str, int | None] = {}
+    ports: dict[str, list[int] | None] = {}
     problems: list[str] = []
     for key, option, specs in (("udp_port", "listen_udp", config.listen_udp),
                                ("tcp_port", "listen_tcp", config.listen_tcp),
                                ("tls_port", "listen_tls", config.listen_tls)):
-        ports[key] = None
+        found: list[int] = []
         for spec in specs:
             try:
                 _, port = parse_hostport(spec, option)
             except ValueError as exc:
                 problems.append(str(exc))
                 continue
-            if port and ports[key] is None:
-                ports[key] = port
+            if port and port not in found:
+                found.append(port)
+        ports[key] = found or None
     if problems:
         _fail("configuration has problems:\n" + "\n".join(problems))
     if all(port is None for port in ports.values()):
@@ -223,6 +295,17 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+def _whole_first_lines() -> None:
+    """`turnd --help` lists each command with its whole first sentence, not click's cut one."""
+    for command in main.commands.values():
+        if command.help and not command.short_help:
+            first = command.help.strip().split("\n\n", 1)[0]
+            command.short_help = " ".join(first.split())
+
+
+_whole_first_lines()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,13 +121,14 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     # -- listeners: sockets are bound once, before privileges could be dropped -----------------
     Option("listen_udp", "list", ("0.0.0.0:3478", "[::]:3478"),
-           "UDP listeners for STUN/TURN, as \"host:port\" (IPv6 in brackets). An empty list "
+           "UDP listeners for STUN/TURN, as \"IP:PORT\" (an IP address, not a host name; IPv6 in "
+           "brackets: \"[::]:3478\"). An empty list "
            "disables UDP.", "listeners", reload=False),
     Option("listen_tcp", "list", ("0.0.0.0:3478", "[::]:3478"),
-           "TCP listeners for STUN/TURN (RFC 8656 §3.1), as \"host:port\". An empty list "
+           "TCP listeners for STUN/TURN (RFC 8656 §3.1), as \"IP:PORT\". An empty list "
            "disables TCP.", "listeners", reload=False),
     Option("listen_tls", "list", ("0.0.0.0:5349", "[::]:5349"),
-           "TLS-over-TCP listeners (turns:), as \"host:port\". An empty list disables TLS.",
+           "TLS-over-TCP listeners (turns:), as \"IP:PORT\". An empty list disables TLS.",
            "listeners", reload=False),
     # -- tls: certificates are re-read on reload so renewals need no restart --------------------
     Option("tls_cert_file", "path", None,
@@ -241,7 +242,7 @@ OPTIONS: tuple[Option, ...] = (
            reload=True, minimum=512),
     # -- observability ----------------------------------------------------------------------------
     Option("metrics_listen", "str", "127.0.0.1:9641",
-           "\"host:port\" of the Prometheus /metrics endpoint; \"\" disables it.",
+           "\"IP:PORT\" of the Prometheus /metrics endpoint; \"\" disables it.",
            "observability", reload=False),
     Option("log_level", "choice", "info", "Least severe level logged.", "observability",
            reload=True, choices=("debug", "info", "warning", "error")),
@@ -259,7 +260,7 @@ OPTIONS: tuple[Option, ...] = (
            "On SIGTERM, the most seconds to wait for existing allocations to end before "
            "exiting.", "operations", reload=True, minimum=0),
     Option("alternate_server", "str", None,
-           "\"ip:port\" sent in ALTERNATE-SERVER with 300 Try Alternate to new Allocates "
+           "\"IP:PORT\" sent in ALTERNATE-SERVER with 300 Try Alternate to new Allocates "
            "while draining (RFC 8489 §10).", "operations", reload=True),
 )
 
@@ -690,7 +691,8 @@ def parse_hostport(s: str, option: str) -> tuple[str, int]:
     check for it. Raises ValueError whose message starts with the option name.
     """
     def bad(why: str) -> ValueError:
-        return ValueError(f"{option}: {_show(s)} is not a valid \"host:port\": {why}")
+        return ValueError(f"{option}: {_show(s)} is not a valid \"IP:PORT\" (an IP address, "
+                          f"not a host name): {why}")
 
     if not isinstance(s, str):
         raise bad("not a string")
@@ -1204,19 +1206,23 @@ def _metavar(option: Option) -> str:
         return "NUMBER"
     if option.name.startswith("listen_") or option.name in ("metrics_listen",
                                                              "alternate_server"):
-        return "HOST:PORT" + (",..." if option.type == "list" else "")
+        return "IP:PORT" + (",..." if option.type == "list" else "")
     return _METAVAR[option.type]
 
 
-def click_options(func: F) -> F:
-    """Add one --flag per Option; a flag not given arrives as None.
+def click_options(func: F | None = None, *, only: Iterable[str] | None = None) -> Any:
+    """Add one --flag per Option (or per option named in ``only``); a flag not given arrives
+    as None. Usable bare (``@click_options``) or with ``only`` (``@click_options(only=...)``).
 
     Values are passed through as text and converted by load_config, so that `turnd check`
     reports every bad flag at once alongside the file's and the environment's problems.
     """
+    if func is None:
+        return lambda f: click_options(f, only=only)
     import click
 
-    for option in reversed(OPTIONS):  # decorators apply bottom-up; keep registry order in --help
+    chosen = OPTIONS if only is None else tuple(o for o in OPTIONS if o.name in set(only))
+    for option in reversed(chosen):  # decorators apply bottom-up; keep registry order in --help
         help_text = f"{option.help} [env: {option.env}]"
         if option.type == "bool":
             dash = option.name.replace("_", "-")

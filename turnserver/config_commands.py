@@ -66,7 +66,8 @@ def summarize(config: Config, secrets_count: int) -> list[str]:
     return lines
 
 
-def _config_file_used(config_path: str | None) -> str | None:
+def config_file_used(config_path: str | None) -> str | None:
+    """The configuration file a command reads: the one named, else the default if present."""
     if config_path is not None:
         return config_path
     # Looked up on the module at call time, the same way load_config does.
@@ -95,7 +96,7 @@ def check(config_path: str | None, **flags: Any) -> None:
     for problem in config_warnings(config):
         click.echo(f"warning: {problem}", err=True)
     click.echo("configuration OK")
-    click.echo("  file: " + (_config_file_used(config_path) or "none (built-in defaults, "
+    click.echo("  file: " + (config_file_used(config_path) or "none (built-in defaults, "
                                                                 "environment and flags)"))
     for line in summarize(config, secrets_count):
         click.echo("  " + line)

@@ -32,6 +32,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["Credentials", "build_urls", "mint_credentials"]
@@ -78,9 +79,9 @@ def mint_credentials(
     ttl_s: int = 86400,
     *,
     host: str | None = None,
-    udp_port: int | None = 3478,
-    tcp_port: int | None = 3478,
-    tls_port: int | None = 5349,
+    udp_port: int | Sequence[int] | None = 3478,
+    tcp_port: int | Sequence[int] | None = 3478,
+    tls_port: int | Sequence[int] | None = 5349,
     now: float | None = None,
 ) -> Credentials:
     """Credentials for ``user`` valid for ``ttl_s`` seconds from ``now`` (default: the current time).
@@ -113,27 +114,41 @@ def mint_credentials(
 
 def build_urls(
     host: str,
-    udp_port: int | None = 3478,
-    tcp_port: int | None = 3478,
-    tls_port: int | None = 5349,
+    udp_port: int | Sequence[int] | None = 3478,
+    tcp_port: int | Sequence[int] | None = 3478,
+    tls_port: int | Sequence[int] | None = 5349,
 ) -> list[str]:
     """STUN/TURN URLs (RFC 7064, RFC 7065) for a server at ``host``.
 
     ``stun:`` and ``turn:...?transport=udp`` on ``udp_port``, ``turn:...?transport=tcp``
     on ``tcp_port`` and ``turns:...?transport=tcp`` on ``tls_port`` (each omitted
     when its port is None; with no ``udp_port`` there is no ``stun:`` URL either).
-    IPv6 literals are bracketed.
+    Each may also be a sequence of ports, for a server listening on several: every one is
+    listed, port 443 first (the one a locked-down network lets through). IPv6 literals
+    are bracketed.
     """
     h = _url_host(host)
     urls: list[str] = []
-    if udp_port is not None:
-        udp = _port("udp_port", udp_port)
-        urls += [f"stun:{h}:{udp}", f"turn:{h}:{udp}?transport=udp"]
-    if tcp_port is not None:
-        urls.append(f"turn:{h}:{_port('tcp_port', tcp_port)}?transport=tcp")
-    if tls_port is not None:
-        urls.append(f"turns:{h}:{_port('tls_port', tls_port)}?transport=tcp")
+    udp_ports = _ports("udp_port", udp_port)
+    if udp_ports:
+        urls.append(f"stun:{h}:{udp_ports[0]}")
+    urls += [f"turn:{h}:{port}?transport=udp" for port in udp_ports]
+    urls += [f"turn:{h}:{port}?transport=tcp" for port in _ports("tcp_port", tcp_port)]
+    urls += [f"turns:{h}:{port}?transport=tcp" for port in _ports("tls_port", tls_port)]
     return urls
+
+
+def _ports(name: str, value: int | Sequence[int] | None) -> list[int]:
+    """The ports of one transport, each once, 443 first, then in the order given."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, int) or not isinstance(value, Sequence) else list(value)
+    out: list[int] = []
+    for item in items:
+        port = _port(name, item)
+        if port not in out:
+            out.append(port)
+    return sorted(out, key=lambda p: p != 443)
 
 
 def _url_host(host: str) -> str:

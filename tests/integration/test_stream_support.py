@@ -215,7 +215,7 @@ def stream_summary(server: RunningServer) -> dict[str, Any]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if str(entry.get("msg", entry.get("message", ""))).startswith("stream connections:"):
+        if str(entry.get("msg", entry.get("message", ""))).startswith("stream connections"):
             return entry
     raise AssertionError(f"no stream summary in the log:\n{server.log_text()[-3000:]}")
 

@@ -16,6 +16,7 @@ import time
 from click.testing import CliRunner
 
 from turnserver.cli import main
+from turnserver.config import Config
 
 SECRET = "cli-test-secret"
 
@@ -109,7 +110,8 @@ def test_serve_writes_a_generated_secret_to_a_private_file_when_not_on_a_termina
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=15)
-    secret_file = tmp_path / "turnd-generated-secret"
+    # Not the default listeners: the file is keyed by them (one per instance).
+    (secret_file,) = tmp_path.glob("turnd-generated-secret-*")
     secret = secret_file.read_text().strip()
     assert len(secret) >= 32
     assert secret_file.stat().st_mode & 0o077 == 0
@@ -124,7 +126,7 @@ def _generate_in(directory, monkeypatch) -> tuple[str, str]:
     stderr = io.StringIO()
     monkeypatch.setenv("STATE_DIRECTORY", str(directory))
     monkeypatch.setattr(sys, "stderr", stderr)
-    return cli._generated_secret(), stderr.getvalue()
+    return cli._generated_secret(Config()), stderr.getvalue()
 
 
 def test_generated_secret_replaces_a_world_readable_file_with_a_private_one(tmp_path, monkeypatch) -> None:
@@ -205,3 +207,60 @@ def test_mint_with_no_fixed_listener_port_is_a_configuration_error(tmp_path) -> 
     assert result.exit_code == 2
     assert "configuration has problems" in result.stderr and "listen_udp" in result.stderr
     assert "URL=" not in result.stdout
+
+
+def test_two_instances_never_share_a_generated_secret_file(tmp_path, monkeypatch) -> None:
+    from turnserver import cli
+
+    default = cli._generated_secret_path(str(tmp_path), Config())
+    assert default == str(tmp_path / "turnd-generated-secret")
+    other = Config(listen_udp=("127.0.0.1:3479",), listen_tcp=(), listen_tls=())
+    keyed = cli._generated_secret_path(str(tmp_path), other)
+    assert keyed != default and keyed.startswith(default + "-")
+    assert cli._generated_secret_path(str(tmp_path), other) == keyed  # stable per listeners
+    # A file that a running instance holds is never taken over.
+    (tmp_path / "turnd-generated-secret").write_text("the first instance's\n")
+    cli._hold(default)
+    try:
+        assert cli._generated_secret_path(str(tmp_path), Config()) == default + ".2"
+    finally:
+        os.close(cli._held.pop())
+    assert cli._generated_secret_path(str(tmp_path), Config()) == default
+
+
+def test_the_start_up_hint_names_the_flags_the_server_was_started_with(tmp_path, monkeypatch) -> None:
+    from turnserver import cli
+
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    config = Config(listen_udp=("0.0.0.0:3479",), listen_tcp=(), listen_tls=("0.0.0.0:443",))
+    cli._generated_secret(config, "/etc/turnd/custom.toml")
+    hint = stderr.getvalue()
+    assert ("turnd mint --user alice --host <this host's address> --config /etc/turnd/custom.toml "
+            "--listen-udp 0.0.0.0:3479 --listen-tcp '' --listen-tls 0.0.0.0:443") in hint
+
+
+def test_mint_takes_the_listener_flags_and_lists_every_port_443_first() -> None:
+    from click.testing import CliRunner
+
+    from turnserver.cli import main
+
+    result = CliRunner().invoke(main, [
+        "mint", "--user", "alice", "--host", "turn.example.com", "--format", "plain",
+        "--listen-udp", "0.0.0.0:3479", "--listen-tcp", "0.0.0.0:3479",
+        "--listen-tls", "0.0.0.0:5349", "--listen-tls", "[::]:5349", "--listen-tls", "0.0.0.0:443"],
+        env={"TURND_SECRETS": "s" * 40})
+    assert result.exit_code == 0, result.output
+    urls = [line[4:] for line in result.output.splitlines() if line.startswith("URL=")]
+    assert urls == ["stun:turn.example.com:3479", "turn:turn.example.com:3479?transport=udp",
+                    "turn:turn.example.com:3479?transport=tcp",
+                    "turns:turn.example.com:443?transport=tcp",
+                    "turns:turn.example.com:5349?transport=tcp"]
+    # The environment, as serve reads it.
+    env_result = CliRunner().invoke(main, ["mint", "--user", "bob", "--host", "h.example", "--format", "plain"],
+                                    env={"TURND_SECRETS": "s" * 40, "TURND_LISTEN_TLS": "0.0.0.0:443",
+                                         "TURND_LISTEN_UDP": "", "TURND_LISTEN_TCP": ""})
+    assert env_result.exit_code == 0, env_result.output
+    assert [line for line in env_result.output.splitlines() if line.startswith("URL=")] == [
+        "URL=turns:h.example:443?transport=tcp"]

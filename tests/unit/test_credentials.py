@@ -176,3 +176,18 @@ def test_errors(args: tuple, kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
         mint_credentials(*args, now=NOW, **kwargs)
     assert fragment in str(info.value)
+
+
+def test_several_ports_per_transport_are_all_listed_443_first() -> None:
+    from turnserver.credentials import build_urls
+
+    assert build_urls("turn.example.com", udp_port=[3478, 3479], tcp_port=None,
+                      tls_port=(5349, 443, 5349)) == [
+        "stun:turn.example.com:3478",
+        "turn:turn.example.com:3478?transport=udp",
+        "turn:turn.example.com:3479?transport=udp",
+        "turns:turn.example.com:443?transport=tcp",
+        "turns:turn.example.com:5349?transport=tcp",
+    ]
+    with pytest.raises(ValueError):
+        build_urls("turn.example.com", tls_port=[443, 0])

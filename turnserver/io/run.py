@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 from ..config import (
     Config,
+    format_hostport,
     ConfigError,
     Problem,
     config_warnings,
@@ -29,6 +30,7 @@ from ..config import (
     load_secrets,
     weak_secret_warnings,
 )
+from .. import __version__
 from .sdnotify import SystemdNotifier
 from .server import TurnServer, write_ready_file
 
@@ -322,15 +324,22 @@ class Daemon:
 
 async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
                 ready_file: str | None, reload_settings: SettingsLoader | None = None,
-                notifier: SystemdNotifier | None = None, generated_secret: bool = False) -> int:
+                notifier: SystemdNotifier | None = None, generated_secret: bool = False,
+                config_path: str | None = None) -> int:
     server = TurnServer(config, secrets=secrets, static_users=static_users)
     notifier = notifier or SystemdNotifier()
     try:
         await server.start()
     except OSError as exc:
-        log.error("cannot start: %s", exc)
-        notifier.status(f"cannot start: {exc}")
+        reason = exc.strerror or str(exc)  # names the socket: "udp 0.0.0.0:3478: Address ..."
+        log.error("cannot start: %s", reason)
+        notifier.status(f"cannot start: {reason}")
         return 1
+    log.info("turnd %s started: configuration %s; %d worker; listening %s; relaying on %s",
+             __version__, config_path or "none (built-in defaults, environment and flags)", 1,
+             ", ".join(f"{lst.transport} {format_hostport(*lst.address)}"
+                       for lst in server.state.listeners) or "nowhere",
+             ", ".join(server.state.relay_addresses))
     daemon = Daemon(server, reload_settings=reload_settings, notifier=notifier, ready_file=ready_file,
                     generated_secret=generated_secret)
     return await daemon.run()
@@ -338,13 +347,14 @@ async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str,
 
 def run_server(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
                ready_file: str | None = None, reload_settings: SettingsLoader | None = None,
-               generated_secret: bool = False) -> int:
+               generated_secret: bool = False, config_path: str | None = None) -> int:
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(
             serve(config, secrets=secrets, static_users=static_users, ready_file=ready_file,
-                  reload_settings=reload_settings, generated_secret=generated_secret)
+                  reload_settings=reload_settings, generated_secret=generated_secret,
+                  config_path=config_path)
         )
     finally:
         loop.close()

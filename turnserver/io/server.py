@@ -91,10 +91,16 @@ def bind_udp(host: str, port: int) -> socket.socket:
                 pass
         sock.setblocking(False)
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise named_socket_error(exc, "udp", host, port) from None
     return sock
+
+
+def named_socket_error(exc: OSError, transport: str, host: str, port: int) -> OSError:
+    """The same error, its text naming the socket: "udp 0.0.0.0:3478: Address already in use"."""
+    return OSError(exc.errno, f"{transport} {format_hostport(host, port)}: "
+                              f"{exc.strerror or exc}")
 
 
 # Descriptors beyond relay sockets and connections: listeners, the metrics endpoint, logs,

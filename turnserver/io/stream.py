@@ -165,9 +165,11 @@ def bind_tcp(host: str, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        from .server import named_socket_error
+
+        raise named_socket_error(exc, "tcp", host, port) from None
     return sock
 
 
@@ -276,12 +278,10 @@ class StreamServer:
             conn._finish("shutdown")
         stats = self.stats
         # For operators without a metrics scraper, and for tests of a server process.
-        log.info("stream connections: accepted tcp=%d tls=%d (plain on tls %d), closed %s; "
-                 "%d messages (%d bytes) dropped toward slow clients",
-                 stats.accepted["tcp"], stats.accepted["tls"], stats.plain_on_tls,
-                 " ".join(f"{k}={v}" for k, v in stats.closed.items()),
-                 stats.dropped_messages, stats.dropped_bytes,
+        # The numbers are the fields (key=value pairs in text): each printed once.
+        log.info("stream connections at shutdown",
                  extra={"streams": {"accepted": dict(stats.accepted),
+                                    "plain_on_tls": stats.plain_on_tls,
                                     "closed": dict(stats.closed),
                                     "dropped_messages": stats.dropped_messages,
                                     "dropped_bytes": stats.dropped_bytes}})
@@ -550,7 +550,11 @@ class StreamConnection(asyncio.Protocol):
         self._finish(self._close_reason or "peer_closed")
 
     def eof_received(self) -> bool | None:
-        return None  # a half-closed client cannot get answers: close our side too
+        # A half-closed client cannot send requests any more: close our side too, through
+        # close(), which frees the allocation at once and starts the grace period after which
+        # a client that does not read what is still queued is cut off.
+        self.close("peer_closed")
+        return True
 
     def close(self, reason: str, *, abort: bool = False) -> None:
         """Close for ``reason``; counted when the transport reports the connection lost."""
