@@ -94,9 +94,6 @@ _log = logging.getLogger("turnd.auth")
 _policy_log = logging.getLogger("turnd.policy")
 # Distinct peer IPs remembered per allocation for its usage record; beyond, only counted.
 _PEERS_SEEN_MAX = 1024
-# The deadline heap is rebuilt without dead entries once they are at least this many and
-# outnumber the live ones.
-_COMPACT_MIN_DEAD = 64
 
 
 @dataclass
@@ -337,10 +334,12 @@ class TurnCore:
         return entry_r is not None and entry_r[1] == when
 
     def _compact_timers(self) -> None:
-        """Rebuild the heap without stale entries once they outnumber the live ones, so an
-        ended allocation is not kept alive by its old deadlines (up to an hour away)."""
+        """Rebuild the heap without stale entries once they are half of it, so an ended
+        allocation is not kept alive by its old deadlines (up to an hour away) and the heap
+        never holds more than twice the live entries. Each rebuild removes at least as many
+        entries as it keeps: linear work, paid for by the ends that made them stale."""
         timers = self._timers
-        if self._dead_timers < _COMPACT_MIN_DEAD or 2 * self._dead_timers < len(timers):
+        if not self._dead_timers or 2 * self._dead_timers < len(timers):
             return
         live = [entry for entry in timers if self._timer_live(entry)]
         heapq.heapify(live)
