@@ -1,6 +1,7 @@
 """Benchmark turnd against coturn on this machine, in one invocation, and report ratios.
 
     python benchmarks/run.py [--quick] [--json out.json] [--repeats N] [--only a,b]
+    python -m benchmarks.run --only under_attack      # the attack scenario (not in the default set)
 
 Both servers run on 127.0.0.1, each started here and stopped by PID. With two or more cores the
 server under test is pinned to one core and every load generator (turnutils_uclient, and this
@@ -8,6 +9,10 @@ process for the allocation client) to another, so they do not compete for CPU. E
 ``--repeats`` times per server, alternating which server goes first, and the median is reported.
 ``--quick`` uses tiny sizes and runs everything at once: it checks that the harness works, and
 its numbers mean nothing. See benchmarks/README.md for what is measured and how to read it.
+
+``under_attack`` (benchmarks/attack.py) runs only when named in ``--only``: a reference call
+while the server is attacked. It needs turnd only; coturn, when installed, is attacked the same
+way as a reference.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ if __package__ in (None, ""):
     # Run as a script: make the repository importable (benchmarks.*, turnserver.*).
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import allocations, loadgen, servers  # noqa: E402
+from benchmarks import allocations, attack, loadgen, servers  # noqa: E402
 from benchmarks.results import SCHEMA, Metric, ScenarioResult, Target, format_table  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -58,6 +63,32 @@ MEMORY_METRICS = [
     Metric("rss_idle_kib", "RSS idle KiB"),
     Metric("rss_loaded_kib", "RSS loaded KiB"),
 ]
+# Side by side only: a ratio of losses or gaps means little (and one of them is often 0).
+ATTACK_METRICS = [
+    *(m for phase in attack.PHASES for m in (
+        Metric(f"{phase}_loss_pct", f"{phase}: call loss % (worst direction)", ratio=False),
+        Metric(f"{phase}_max_gap_ms", f"{phase}: call max gap ms", ratio=False),
+        Metric(f"{phase}_relay_gap_ms", f"{phase}: call max relay gap ms", ratio=False),
+        Metric(f"{phase}_server_cpu_pct", f"{phase}: server CPU %", ratio=False),
+    )),
+    Metric("oversized_msgs_per_s", "oversized: msgs/s sent (UDP + TCP)", ratio=False),
+    Metric("flood_401_msgs_per_s", "flood_401: requests/s sent", ratio=False),
+    Metric("flood_401_one_source_answers_per_request", "flood_401: answers/request, one port", ratio=False),
+    Metric("flood_401_one_source_bytes_out_per_byte_in", "flood_401: bytes out/byte in, one port", ratio=False),
+    Metric("flood_401_many_ports_answers_per_request", "flood_401: answers/request, many ports", ratio=False),
+    Metric("flood_401_many_ports_bytes_out_per_byte_in", "flood_401: bytes out/byte in, many ports",
+           ratio=False),
+    Metric("permission_flood_requests_per_s", "permission_flood: requests/s", ratio=False),
+    Metric("permission_flood_permissions_granted", "permission_flood: permissions granted", ratio=False),
+    Metric("connection_flood_peak_open", "connection_flood: connections open at once", ratio=False),
+    Metric("connection_flood_closed_by_server", "connection_flood: closed by the server", ratio=False),
+    Metric("never_reads_msgs_per_s", "never_reads: requests/s sent", ratio=False),
+    Metric("rss_start_kib", "server RSS KiB before the attacks", ratio=False),
+    Metric("rss_end_kib", "server RSS KiB after the attacks", ratio=False),
+]
+ATTACK_SCENARIO = "under_attack"
+# turnd's extra options for it: the permission flood's addresses must be permitted to count.
+ATTACK_TURND_OPTIONS: dict[str, object] = {"allowed_peers": ["198.18.0.0/15"]}
 
 
 @dataclass(frozen=True)
@@ -77,12 +108,16 @@ class Sizes:
     length: int
     allocations: int
     concurrency: int
+    attack_phase_s: float = 8.0  # under_attack: each attack phase, and all at once
+    attack_baseline_s: float = 5.0  # under_attack: the call alone, before and after
+    attack_rates: str = "full"  # under_attack: attack.FULL or attack.MODERATE
 
 
 FULL = Sizes(repeats=3, plateau_intervals=3, moderate_clients=40, heavy_clients=120,
              messages=10_000, length=100, allocations=2000, concurrency=50)
 QUICK = Sizes(repeats=1, plateau_intervals=1, moderate_clients=2, heavy_clients=4,
-              messages=300, length=100, allocations=20, concurrency=10)
+              messages=300, length=100, allocations=20, concurrency=10,
+              attack_phase_s=1.0, attack_baseline_s=1.0, attack_rates="moderate")
 
 ALLOCATION_SCENARIOS = ("allocation_rate", "memory_per_allocation")
 
@@ -123,6 +158,12 @@ def new_results(sizes: Sizes, selected: set[str]) -> dict[str, ScenarioResult]:
             "memory_per_allocation", f"RSS growth holding {sizes.allocations} UDP allocations",
             "kib_per_allocation", "KiB", False, MEMORY_METRICS,
             Target("kib_per_allocation", "<=", 4.0))
+    if ATTACK_SCENARIO in selected:
+        out[ATTACK_SCENARIO] = ScenarioResult(
+            ATTACK_SCENARIO,
+            f"reference call (50 pkt/s each way, 200 B) through {sizes.attack_phase_s:g} s of each attack "
+            f"({sizes.attack_rates} rates), then all at once",
+            "all_at_once_max_gap_ms", "ms", False, ATTACK_METRICS, None)
     return out
 
 
@@ -133,6 +174,24 @@ def measure_relay(server: servers.ServerUnderTest, scenario: RelayScenario, size
                   generator_cpu: int | None) -> dict[str, Any]:
     run = loadgen.run_uclient(server, scenario.load, cpu=generator_cpu)
     result = loadgen.summarize(run, scenario.load, plateau_intervals=sizes.plateau_intervals)
+    if not server.alive():
+        result["error"] = f"server exited with {server.proc.returncode}"
+    return result
+
+
+def measure_under_attack(server: servers.ServerUnderTest, plan: Plan) -> dict[str, Any]:
+    """The attack sequence of benchmarks/attack.py against one fresh server: flat metrics plus
+    every phase's details (under "phases")."""
+    target = attack.Target(udp=(servers.HOST, server.ports["udp"]),
+                           tcp=(servers.HOST, server.ports["tcp"]) if "tcp" in server.ports else None,
+                           secret=server.secret, realm=server.realm, pid=server.pid)
+    rates = attack.MODERATE if plan.sizes.attack_rates == "moderate" else attack.FULL
+    time.sleep(SETTLE_S)
+    scenario = attack.run_scenario(
+        target, rates=rates, phase_s=plan.sizes.attack_phase_s, baseline_s=plan.sizes.attack_baseline_s,
+        log=lambda msg: plan.log(f"{server.name} {msg}"))
+    result: dict[str, Any] = {**attack.flatten(scenario), "phases": scenario["phases"],
+                              "rates": scenario["rates"]}
     if not server.alive():
         result["error"] = f"server exited with {server.proc.returncode}"
     return result
@@ -181,6 +240,7 @@ class Plan:
     generator_cpu: int | None
     parallel: bool
     log: Callable[[str], None]
+    server_names: tuple[str, ...] = servers.SERVER_NAMES
 
 
 def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, ScenarioResult]) -> None:
@@ -216,12 +276,28 @@ def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, Scenario
             results["memory_per_allocation"].add(name, memory)
         plan.log(f"{progress} allocations: "
                  f"{rate['allocations_per_s']} /s, {memory['kib_per_allocation']} KiB each")
+    if ATTACK_SCENARIO in results:
+        server = _start(plan, name, f"{name}-attack-{rep}", [ATTACK_SCENARIO], results,
+                        turnd_options=ATTACK_TURND_OPTIONS)
+        if server is not None:
+            try:
+                result = measure_under_attack(server, plan)
+            finally:
+                server.stop()
+            results[ATTACK_SCENARIO].add(name, result)
+            plan.log(f"{progress} under_attack: all at once: loss {result.get('all_at_once_loss_pct')} %, "
+                     f"max gap {result.get('all_at_once_max_gap_ms')} ms"
+                     + (f" ERROR {result['error']}" if "error" in result else "")
+                     + (f" (attackers: {result['problems']})" if "problems" in result else ""))
 
 
 def _start(plan: Plan, name: str, subdir: str, scenarios: list[str],
-           results: dict[str, ScenarioResult]) -> servers.ServerUnderTest | None:
+           results: dict[str, ScenarioResult],
+           turnd_options: dict[str, object] | None = None) -> servers.ServerUnderTest | None:
     """Start a server; if it will not start, every scenario it was for records a failed run."""
     try:
+        if name == "turnd" and turnd_options:
+            return servers.start_turnd(plan.workdir / subdir, cpu=plan.server_cpu, extra_options=turnd_options)
         return servers.start(name, plan.workdir / subdir, cpu=plan.server_cpu)
     except RuntimeError as exc:
         plan.log(f"{name} did not start: {exc}")
@@ -244,7 +320,7 @@ def run(plan: Plan) -> dict[str, ScenarioResult]:
     results = new_results(plan.sizes, plan.selected)
     for rep in range(plan.sizes.repeats):
         # Alternate who goes first so slow drift on a shared machine hits both alike.
-        order = list(servers.SERVER_NAMES) if rep % 2 == 0 else list(reversed(servers.SERVER_NAMES))
+        order = list(plan.server_names) if rep % 2 == 0 else list(reversed(plan.server_names))
         _each(order, lambda name: run_server_pass(plan, name, rep, results), plan.parallel)
     return results
 
@@ -297,7 +373,12 @@ def report(results: dict[str, ScenarioResult], plan: Plan, quick: bool, started:
 
 
 def all_scenario_names() -> list[str]:
+    """The default set: every scenario that compares turnd with coturn."""
     return [sc.name for sc in relay_scenarios(FULL)] + list(ALLOCATION_SCENARIOS)
+
+
+# Run only when named in --only.
+OPT_IN_SCENARIOS = (ATTACK_SCENARIO,)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,16 +387,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny sizes, everything at once: checks the harness, measures nothing")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output (default {DEFAULT_JSON})")
     parser.add_argument("--repeats", type=int, help="runs per scenario and server (median reported)")
-    parser.add_argument("--only", help="comma-separated scenarios: " + ", ".join(all_scenario_names()))
+    parser.add_argument("--only", help="comma-separated scenarios: " + ", ".join(all_scenario_names())
+                        + "; and, only when named here: " + ", ".join(OPT_IN_SCENARIOS))
     parser.add_argument("--allocations", type=int, help="allocations held for the memory scenario")
     parser.add_argument("--messages", type=int, help="messages per uclient session")
     parser.add_argument("--workdir", type=Path, help="where server configs and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    if not servers.coturn_available():
-        print("coturn is not installed (turnserver, turnutils_uclient): nothing to compare against",
-              file=sys.stderr)
-        return 2
     sizes = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("repeats", args.repeats), ("allocations", args.allocations),
                                    ("messages", args.messages)) if v is not None}
@@ -326,9 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     selected = set(names)
     if args.only:
         selected = {s.strip() for s in args.only.split(",") if s.strip()}
-        unknown = selected - set(names)
+        unknown = selected - set(names) - set(OPT_IN_SCENARIOS)
         if unknown:
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    names += [n for n in OPT_IN_SCENARIOS if n in selected]
+    server_names: tuple[str, ...] = servers.SERVER_NAMES
+    if not servers.coturn_available():
+        if selected - set(OPT_IN_SCENARIOS):
+            print("coturn is not installed (turnserver, turnutils_uclient): nothing to compare against",
+                  file=sys.stderr)
+            return 2
+        server_names = ("turnd",)  # under_attack alone needs no coturn
 
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu = generator_cpu = None
@@ -339,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="turnd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     plan = Plan(sizes, selected, workdir, server_cpu, generator_cpu, parallel=args.quick,
-                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                log=lambda msg: print(msg, file=sys.stderr, flush=True), server_names=server_names)
     started = time.monotonic()
     results = run(plan)
     ordered = [results[n] for n in names if n in results]

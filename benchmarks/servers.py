@@ -148,8 +148,12 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
-                relay_ports: tuple[int, int] = TURND_RELAY_PORTS) -> ServerUnderTest:
-    """``python -m turnserver serve`` from this working tree, UDP (and TCP) on port 0."""
+                relay_ports: tuple[int, int] = TURND_RELAY_PORTS,
+                extra_options: dict[str, object] | None = None) -> ServerUnderTest:
+    """``python -m turnserver serve`` from this working tree, UDP (and TCP) on port 0.
+
+    ``extra_options`` are added to (or replace) the configuration below.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     secrets = workdir / "secrets"
     secrets.write_text(SECRET + "\n")
@@ -167,6 +171,7 @@ def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
         "legacy_channel_numbers": True,
         # Same as coturn: one line per allocation, nothing per packet.
         "log_level": "info",
+        **(extra_options or {}),
     }
     config = workdir / "turnd.toml"
     config.write_text("".join(f"{k} = {toml_literal(v)}\n" for k, v in options.items()))
