@@ -171,6 +171,14 @@ def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
         "legacy_channel_numbers": True,
         # Same as coturn: one line per allocation, nothing per packet.
         "log_level": "info",
+        # coturn's defaults limit neither allocations nor 401 answers: neither does turnd here,
+        # or the allocation benchmarks (one source, one user) would measure the limits.
+        "user_quota": 0,
+        "max_allocations": 0,
+        "challenge_rate_per_source": 0,
+        # The bandwidth check stays on the relay path, at a cap no benchmark reaches, so that
+        # its cost is inside every relay number (benchmarks/bandwidth_check.py measures it).
+        "allocation_bandwidth_bytes_s": 10**10,
         **(extra_options or {}),
     }
     config = workdir / "turnd.toml"
