@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -155,3 +156,24 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     result = _run([tool, "--no-pager", "verify", str(copy)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "turnd.service" not in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
+def test_tmpfiles_entry_closes_every_file_with_secrets(tmp_path: Path) -> None:
+    # In a private root with its own group database: turnd is group 999 there.
+    root = tmp_path / "root"
+    (root / "etc" / "turnd" / "tls").mkdir(parents=True)
+    (root / "etc" / "group").write_text("root:x:0:\nturnd:x:999:\n")
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    names = ["turnd.toml", "secrets", "users", "tls/privkey.pem", "tls/fullchain.pem"]
+    for name in names:
+        path = root / "etc" / "turnd" / name
+        path.write_text("x\n")
+        path.chmod(0o644)
+    conf = Path(__file__).resolve().parents[2] / "systemd" / "turnd.tmpfiles.conf"
+    result = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(conf)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    for name in names:
+        st = (root / "etc" / "turnd" / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 999), name
