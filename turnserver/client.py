@@ -239,13 +239,14 @@ class _StreamLink(_Link):
         return (name[0], name[1])
 
 
-def client_tls_context(*, verify: bool = True) -> _ssl.SSLContext:
+def client_tls_context(*, verify: bool = True, ca_file: str | None = None) -> _ssl.SSLContext:
     """The system's default client context, offering ALPN "stun.turn" (RFC 7443).
 
-    ``verify=False`` accepts any certificate (a self-signed test server, say); the connection
-    is still encrypted but no longer authenticated.
+    ``ca_file`` trusts the CA certificates in that PEM file instead of the system's (one's own
+    CA). ``verify=False`` accepts any certificate (a self-signed test server, say); the
+    connection is still encrypted but no longer authenticated.
     """
-    context = _ssl.create_default_context()
+    context = _ssl.create_default_context(cafile=ca_file)
     if not verify:
         context.check_hostname = False
         context.verify_mode = _ssl.CERT_NONE

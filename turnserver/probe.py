@@ -22,7 +22,7 @@ import os
 import ssl
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import click
@@ -38,7 +38,7 @@ from .client import (
     client_tls_context,
     method_name,
 )
-from .config import SECRETS_ENV, Config, ConfigError, format_hostport, load_secrets
+from .config import SECRETS_ENV, Config, ConfigError, format_hostport, load_config, load_secrets, parse_hostport
 from .credentials import mint_credentials
 
 __all__ = ["ProbeResult", "explain_failure", "probe_transport", "run_probe", "probe"]
@@ -48,6 +48,8 @@ DEFAULT_PORTS = {"udp": 3478, "tcp": 3478, "tls": 5349}
 CREDENTIAL_TTL_S = 600
 # UDP may drop a datagram; the data exchange is tried this many times before it fails.
 DATA_ATTEMPTS = 3
+# Relayed address families the probe can ask for (RFC 8656 REQUESTED-ADDRESS-FAMILY).
+FAMILIES = {"ipv4": 1, "ipv6": 2}
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ProbeResult:
     allocate_ms: float | None = None  # the 401 challenge and the authenticated retry together
     relay_rtt_ms: float | None = None
     alpn: str | None = None  # over TLS: the ALPN protocol agreed (RFC 7443 "stun.turn")
+    family: str = "ipv4"  # the relayed address family asked for (REQUESTED-ADDRESS-FAMILY)
 
 
 def _fmt(address: Address | None) -> str | None:
@@ -90,7 +93,10 @@ def explain_failure(exc: BaseException, step: str) -> str:
         if exc.code == 508:
             return f"{what}: no relay port free or max_allocations reached"
         if exc.code == 486:
-            return f"{what}: user_quota reached for the probe's user (try --user)"
+            return (f"{what}: user_quota reached for the probe's user part (its allocations "
+                    "elsewhere count too; try another --user)")
+        if exc.code == 440:
+            return f"{what}: the server has no relay address of this family"
         if exc.code == 403:
             return f"{what} on {method_name(exc.method)}: the peer policy refused the other allocation's relayed address"
         return f"{what} on {method_name(exc.method)}"
@@ -153,16 +159,28 @@ async def probe_transport(
     *,
     username: str,
     password: str,
+    peer_username: str | None = None,
+    peer_password: str | None = None,
     timeout_s: float = 5.0,
     ssl_context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+    family: str = "ipv4",
 ) -> ProbeResult:
-    """Run every step over one transport; never raises for a server-side failure."""
-    result = ProbeResult(transport, host, port)
+    """Run every step over one transport; never raises for a server-side failure.
+
+    The second allocation uses ``peer_username`` when given: a user part of its own, so that
+    a ``user_quota`` of 1 does not fail the probe.
+    """
+    result = ProbeResult(transport, host, port, family=family)
     clients: list[TurnClient] = []
     options: dict[str, Any] = {
         "transport": transport, "username": username, "password": password,
         "timeout_s": timeout_s, "ssl_context": ssl_context, "software": "turnd probe",
+        "server_hostname": server_name,
     }
+    peer_options = dict(options, username=peer_username or username,
+                        password=peer_password or password)
+    requested = FAMILIES[family]
     try:
         a = await TurnClient.connect(host, port, **options)
         clients.append(a)
@@ -173,13 +191,13 @@ async def probe_transport(
         result.binding_rtt_ms = round((time.monotonic() - started) * 1000, 3)
         result.step = "allocate"
         started = time.monotonic()
-        a_relayed = await a.allocate()
+        a_relayed = await a.allocate(family=requested)
         result.allocate_ms = round((time.monotonic() - started) * 1000, 3)
         result.step = "connect"
-        b = await TurnClient.connect(host, port, **options)
+        b = await TurnClient.connect(host, port, **peer_options)
         clients.append(b)
         result.step = "allocate"
-        b_relayed = await b.allocate()
+        b_relayed = await b.allocate(family=requested)
         result.relayed = [r for r in (_fmt(a_relayed), _fmt(b_relayed)) if r]
         result.step = "channel_bind"
         await a.channel_bind(b_relayed)
@@ -206,21 +224,31 @@ async def run_probe(
     user: str = "probe",
     timeout_s: float = 5.0,
     insecure: bool = False,
+    ca_file: str | None = None,
+    server_name: str | None = None,
+    families: tuple[str, ...] = ("ipv4",),
 ) -> list[ProbeResult]:
-    """Probe each (transport, port) in turn with freshly minted credentials."""
+    """Probe each (transport, port) and relayed family in turn with freshly minted
+    credentials: ``user`` for the first allocation, ``user-peer`` for the second."""
     creds = mint_credentials(secret, user, CREDENTIAL_TTL_S)
+    peer = mint_credentials(secret, f"{user}-peer", CREDENTIAL_TTL_S)
     results = []
     for transport, port in targets:
-        context = client_tls_context(verify=not insecure) if transport == "tls" else None
-        results.append(await probe_transport(
-            host, port, transport, username=creds.username, password=creds.password,
-            timeout_s=timeout_s, ssl_context=context,
-        ))
+        context = (client_tls_context(verify=not insecure, ca_file=ca_file)
+                   if transport == "tls" else None)
+        for family in families:
+            results.append(await probe_transport(
+                host, port, transport, username=creds.username, password=creds.password,
+                peer_username=peer.username, peer_password=peer.password,
+                timeout_s=timeout_s, ssl_context=context, server_name=server_name, family=family,
+            ))
     return results
 
 
 def format_result(result: ProbeResult) -> str:
     where = _fmt((result.host, result.port))
+    if result.family != "ipv4":
+        where += f" ({result.family} relay)"
     if result.ok:
         return (f"{result.transport:<4} {where}  PASS  binding {result.binding_rtt_ms:.1f} ms, "
                 f"allocate {result.allocate_ms:.1f} ms, relay round trip {result.relay_rtt_ms:.1f} ms "
@@ -244,23 +272,71 @@ def _parse_transports(text: str) -> list[str]:
     return chosen
 
 
+def _parse_families(text: str) -> tuple[str, ...]:
+    chosen: list[str] = []
+    for item in text.split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name not in FAMILIES:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(FAMILIES)}", param_hint="--families")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise click.BadParameter("name at least one family", param_hint="--families")
+    return tuple(chosen)
+
+
+def _configured_ports(config: Config) -> dict[str, int | None]:
+    """The first fixed port of each transport's listeners in ``config`` (None for none)."""
+    out: dict[str, int | None] = {}
+    for transport, specs in (("udp", config.listen_udp), ("tcp", config.listen_tcp),
+                             ("tls", config.listen_tls)):
+        out[transport] = None
+        for spec in specs:
+            try:
+                _, port = parse_hostport(spec, f"listen_{transport}")
+            except ValueError:
+                continue
+            if port:
+                out[transport] = port
+                break
+    return out
+
+
 @click.command()
-@click.argument("host")
-@click.option("--udp-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["udp"], show_default=True)
-@click.option("--tcp-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["tcp"], show_default=True)
-@click.option("--tls-port", type=click.IntRange(1, 65535), default=DEFAULT_PORTS["tls"], show_default=True)
+@click.argument("host", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              envvar="TURND_CONFIG", help="The server's TOML configuration: its secrets_file, "
+              "listener ports and public_host (the HOST when none is given).")
+@click.option("--udp-port", type=click.IntRange(1, 65535), default=None,
+              help=f"Default: from --config, else {DEFAULT_PORTS['udp']}.")
+@click.option("--tcp-port", type=click.IntRange(1, 65535), default=None,
+              help=f"Default: from --config, else {DEFAULT_PORTS['tcp']}.")
+@click.option("--tls-port", type=click.IntRange(1, 65535), default=None,
+              help=f"Default: from --config, else {DEFAULT_PORTS['tls']}.")
 @click.option("--transports", default="udp,tcp,tls", show_default=True,
               help="Comma-separated transports to check.")
+@click.option("--families", default="ipv4", show_default=True,
+              help="Comma-separated relayed address families to ask for: ipv4, ipv6.")
 @click.option("--secrets-file", type=click.Path(dir_okay=False), default=None,
               help=f"File of shared secrets (the first mints). Or set {SECRETS_ENV}.")
 @click.option("--user", default="probe", show_default=True,
-              help="User id in the minted username (it appears in the server's usage log).")
+              help="User part of the minted usernames: USER for the first allocation, USER-peer "
+              "for the second (they appear in the server's usage log).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for each answer.")
+@click.option("--ca-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Verify the TLS certificate against the CA certificates in this PEM file "
+              "instead of the system's (one's own CA).")
+@click.option("--server-name", default=None,
+              help="The name the TLS certificate must carry (and the SNI sent); default HOST.")
 @click.option("--insecure", is_flag=True, help="Do not verify the TLS certificate.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on standard output.")
-def probe(host: str, udp_port: int, tcp_port: int, tls_port: int, transports: str,
-          secrets_file: str | None, user: str, timeout_s: float, insecure: bool, as_json: bool) -> None:
+def probe(host: str | None, config_path: str | None, udp_port: int | None, tcp_port: int | None,
+          tls_port: int | None, transports: str, families: str, secrets_file: str | None,
+          user: str, timeout_s: float, ca_file: str | None, server_name: str | None,
+          insecure: bool, as_json: bool) -> None:
     """Check a running server from outside: Binding, Allocate and relayed data per transport.
 
     Two allocations relay to each other, so no outside peer is needed. The credentials are
@@ -268,18 +344,34 @@ def probe(host: str, udp_port: int, tcp_port: int, tls_port: int, transports: st
     Exit status 0 when every transport passes, 1 when any fails, 2 on usage errors.
     """
     chosen = _parse_transports(transports)
-    ports = {"udp": udp_port, "tcp": tcp_port, "tls": tls_port}
+    chosen_families = _parse_families(families)
+    config = Config()
+    if config_path is not None:
+        try:
+            config = load_config(config_path, env={})
+        except ConfigError as exc:
+            raise click.UsageError(f"--config: {exc}") from None
+    if secrets_file is not None:
+        config = replace(config, secrets_file=secrets_file)
+    if host is None:
+        host = config.public_host
+        if host is None:
+            raise click.UsageError("name the HOST, or give a --config with public_host")
+    configured = _configured_ports(config) if config_path is not None else {}
+    given = {"udp": udp_port, "tcp": tcp_port, "tls": tls_port}
+    ports = {t: given[t] or configured.get(t) or DEFAULT_PORTS[t] for t in TRANSPORTS}
     try:
-        secrets = load_secrets(Config(secrets_file=secrets_file), os.environ)
+        secrets = load_secrets(config, os.environ)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if not secrets:
-        raise click.UsageError(f"no shared secret: use --secrets-file or set {SECRETS_ENV}")
+        raise click.UsageError(f"no shared secret: use --secrets-file, --config or set {SECRETS_ENV}")
     if ":" in user:
         raise click.BadParameter("must not contain ':'", param_hint="--user")
     results = asyncio.run(run_probe(
         host, [(t, ports[t]) for t in chosen], secret=secrets[0], user=user,
-        timeout_s=timeout_s, insecure=insecure,
+        timeout_s=timeout_s, insecure=insecure, ca_file=ca_file, server_name=server_name,
+        families=chosen_families,
     ))
     ok = all(r.ok for r in results)
     if as_json:
@@ -288,6 +380,5 @@ def probe(host: str, udp_port: int, tcp_port: int, tls_port: int, transports: st
         for result in results:
             click.echo(format_result(result))
         passed = sum(r.ok for r in results)
-        click.echo(f"{passed} of {len(results)} transports passed")
+        click.echo(f"{passed} of {len(results)} checks passed")
     sys.exit(0 if ok else 1)
-

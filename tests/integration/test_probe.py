@@ -51,13 +51,16 @@ def test_probe_passes_over_udp_and_relays_real_data(turn_server: RunningServer) 
         r"[0-9.]+ ms \(mapped 127\.0\.0\.1:\d+, relayed 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+\)",
         lines[0],
     ), lines[0]
-    assert lines[-1] == "1 of 1 transports passed"
-    # The server saw two allocations by the probe's user carry data both ways, then deleted.
+    assert lines[-1] == "1 of 1 checks passed"
+    # The server saw two allocations carry data both ways, then deleted: one for the probe's
+    # user, one for its "-peer" user (so that a user_quota of 1 does not fail the probe).
     deadline = time.monotonic() + 5
     while turn_server.log_text().count(":probe") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    records = [line for line in turn_server.log_text().splitlines() if ":probe " in line]
+    lines = turn_server.log_text().splitlines()
+    records = [line for line in lines if ":probe " in line or ":probe-peer " in line]
     assert len(records) == 2
+    assert sum(":probe-peer " in line for line in records) == 1
     for record in records:
         assert "reason=deleted" in record
         assert "packets_to_peer=1" in record and "packets_to_client=1" in record
@@ -89,7 +92,7 @@ def test_probe_with_a_wrong_secret_fails_with_the_reason(turn_server: RunningSer
     # The code and the hint, not the reason phrase: unauthenticated answers may carry none.
     assert re.search(rf"^udp  127\.0\.0\.1:{turn_server.port('udp')}  FAIL  allocate: 401\b.*wrong secret\?$",
                      result.stdout, re.MULTILINE), result.stdout
-    assert result.stdout.splitlines()[-1] == "0 of 1 transports passed"
+    assert result.stdout.splitlines()[-1] == "0 of 1 checks passed"
 
 
 def test_probe_nothing_listening_is_connection_refused() -> None:
@@ -165,7 +168,7 @@ def test_probe_passes_over_every_transport(tmp_path: Path) -> None:
         assert all("  PASS  " in line for line in lines[:3])
         assert lines[2].endswith(", ALPN stun.turn)")  # RFC 7443: the server agreed to "stun.turn"
         assert "ALPN" not in lines[0] + lines[1]
-        assert lines[-1] == "3 of 3 transports passed"
+        assert lines[-1] == "3 of 3 checks passed"
         report = json.loads(probe("127.0.0.1", *ports_args(server), "--insecure", "--json").stdout)
         assert [r["alpn"] for r in report["results"]] == [None, None, "stun.turn"]
         assert [r["ok"] for r in report["results"]] == [True, True, True]
