@@ -21,6 +21,7 @@ from .config import (
     ConfigError,
     click_options,
     config_warnings,
+    credentials_configured,
     load_and_check,
     load_config,
     load_secrets,
@@ -76,7 +77,9 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
         static_users = CredentialStore.load_static_users(config.static_users_file)
     for problem in config_warnings(config):
         logging.getLogger("turnd").warning("%s", problem)
-    generated = not secrets and not static_users
+    # A secret is made only when no credential source is configured at all; an empty
+    # secrets_file is a revocation, served as one (every credential refused).
+    generated = not secrets and not static_users and not credentials_configured(config, os.environ)
     if generated:
         secrets = [_generated_secret(config, config_path).encode()]
     else:

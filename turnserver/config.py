@@ -45,6 +45,7 @@ __all__ = [
     "Problem",
     "check_config",
     "config_warnings",
+    "credentials_configured",
     "click_options",
     "load_and_check",
     "load_config",
@@ -632,6 +633,12 @@ def secret_bits(secret: bytes) -> int:
     return int(len(text) * per_char)
 
 
+def credentials_configured(config: Config, env: Mapping[str, str]) -> bool:
+    """Whether the operator configured any credential source (possibly empty: a revocation),
+    as opposed to none at all, when `turnd serve` makes a one-run secret."""
+    return bool(config.secrets_file or config.static_users_file or env.get(SECRETS_ENV, "").strip())
+
+
 def weak_secret_warnings(secrets: Iterable[bytes]) -> list[str]:
     """One line per shared secret under MIN_SECRET_BITS, naming it by position only."""
     out = []
@@ -1052,9 +1059,9 @@ def _check_static_users(path: str, problems: list[Problem]) -> None:
 def _check_auth(config: Config, problems: list[Problem]) -> None:
     if config.secrets_file is not None:
         try:
-            # Only the file's own secrets: one in TURND_SECRETS does not fill an empty file.
-            if not load_secrets(config, {}):
-                problems.append(Problem("secrets_file", f"{config.secrets_file} holds no secrets"))
+            # An empty file is allowed (a warning, config_warnings): emptying it is how a leaked
+            # secret is revoked, and a reload must not be refused for that.
+            load_secrets(config, {})
         except ConfigError as exc:
             problems.extend(exc.problems)
     # No credentials at all is not a problem: `turnd serve` then makes a one-run secret.
@@ -1136,6 +1143,14 @@ def config_warnings(config: Config, *, now: float | None = None) -> list[Problem
                 out.append(Problem("tls_cert_file", f"the certificate in {config.tls_cert_file} "
                                    f"expires on {after:%Y-%m-%d %H:%M} UTC, in "
                                    f"{(after - when).days} day(s)"))
+    if config.secrets_file:
+        try:
+            empty = not load_secrets(config, {})
+        except ConfigError:
+            empty = False  # unreadable: check_config's problem
+        if empty:
+            out.append(Problem("secrets_file", f"{config.secrets_file} holds no secrets: every "
+                               "REST credential is refused (revoked) until one is added"))
     for option in ("secrets_file", "static_users_file", "tls_key_file"):
         path = getattr(config, option)
         if not path:

@@ -23,6 +23,7 @@ import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -257,34 +258,21 @@ def format_result(result: ProbeResult) -> str:
     return f"{result.transport:<4} {where}  FAIL  {result.step}: {result.error}"
 
 
-def _parse_transports(text: str) -> list[str]:
+def _parse_choices(text: str, allowed: Iterable[str], hint: str) -> list[str]:
+    """A comma-separated subset of ``allowed``, each once, in the order given."""
+    allowed = tuple(allowed)
     chosen: list[str] = []
     for item in text.split(","):
         name = item.strip().lower()
         if not name:
             continue
-        if name not in TRANSPORTS:
-            raise click.BadParameter(f"{name!r} is not one of {', '.join(TRANSPORTS)}", param_hint="--transports")
+        if name not in allowed:
+            raise click.BadParameter(f"{name!r} is not one of {', '.join(allowed)}", param_hint=hint)
         if name not in chosen:
             chosen.append(name)
     if not chosen:
-        raise click.BadParameter("name at least one transport", param_hint="--transports")
+        raise click.BadParameter(f"name at least one of {', '.join(allowed)}", param_hint=hint)
     return chosen
-
-
-def _parse_families(text: str) -> tuple[str, ...]:
-    chosen: list[str] = []
-    for item in text.split(","):
-        name = item.strip().lower()
-        if not name:
-            continue
-        if name not in FAMILIES:
-            raise click.BadParameter(f"{name!r} is not one of {', '.join(FAMILIES)}", param_hint="--families")
-        if name not in chosen:
-            chosen.append(name)
-    if not chosen:
-        raise click.BadParameter("name at least one family", param_hint="--families")
-    return tuple(chosen)
 
 
 def _configured_ports(config: Config) -> dict[str, int | None]:
@@ -343,8 +331,8 @@ def probe(host: str | None, config_path: str | None, udp_port: int | None, tcp_p
     minted here from the shared secret, which never comes from the command line.
     Exit status 0 when every transport passes, 1 when any fails, 2 on usage errors.
     """
-    chosen = _parse_transports(transports)
-    chosen_families = _parse_families(families)
+    chosen = _parse_choices(transports, TRANSPORTS, "--transports")
+    chosen_families = tuple(_parse_choices(families, FAMILIES, "--families"))
     config = Config()
     if config_path is not None:
         try:

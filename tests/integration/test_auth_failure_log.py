@@ -83,6 +83,20 @@ def test_fail2ban_regex_matches_the_real_lines_and_nothing_else(
     server = server_factory(log_format=log_format, log_level="debug")
     fail(server, 4)
     fail(server, 1, user="x" * 200)
+    # A forged source can send a nonce the server never issued: logged at debug, never matched.
+    from turnserver.stun import Attr, Message, MessageClass, Method, encode_message
+
+    forged = Message(Method.ALLOCATE, MessageClass.REQUEST)
+    for attr, value in ((Attr.REQUESTED_TRANSPORT, 17), (Attr.USERNAME, "1:victim"),
+                        (Attr.REALM, "test.turnd"), (Attr.NONCE, "obMatJos2wAAAnotissuedhere")):
+        forged.add(attr, value)
+    import socket as _socket
+
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        for _ in range(3):
+            sock.sendto(encode_message(forged, key=b"k" * 16), server.address("udp"))
+            sock.recv(1024)  # the 438
     good = RawTurnClient(server.address("udp"), *server.credentials("alice"))
     assert code(good.allocate()) == 200
     good.close()
@@ -100,3 +114,4 @@ def test_fail2ban_regex_matches_the_real_lines_and_nothing_else(
     assert matched is not None, result.stdout
     assert int(matched.group(1)) == 5, result.stdout
     assert "127.0.0.1" in result.stdout
+    assert "bad_nonce" in server.log_text()  # logged (at debug), but not matched

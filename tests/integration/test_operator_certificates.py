@@ -120,13 +120,41 @@ def test_a_reload_that_removes_every_secret_revokes_them(tmp_path: Path) -> None
 
     try:
         asyncio.run(attempt())
-        # The operator revokes a leaked secret by removing the only one configured.
-        server.options.pop("secrets_file")
-        rewrite_config(server)
+        # The operator revokes a leaked secret by emptying the secrets file.
+        write_secrets(server)
         asyncio.run(reload(server, "every credential is revoked"))
         with pytest.raises(ErrorResponse) as refused:
             asyncio.run(attempt())
         assert refused.value.code == 401
         assert "reload applied" in server.log_text()
+        # ... or by removing the secrets_file option: the same.
+        write_secrets(server, OLD_SECRET)
+        asyncio.run(reload(server, "reload applied"))
+        asyncio.run(attempt())
+        server.options.pop("secrets_file")
+        rewrite_config(server)
+        asyncio.run(reload(server, "every credential is revoked"))
+        with pytest.raises(ErrorResponse):
+            asyncio.run(attempt())
+    finally:
+        server.stop()
+
+
+def test_a_server_started_with_an_empty_secrets_file_refuses_everyone(tmp_path: Path) -> None:
+    # An empty secrets_file is configured credentials: no one-run secret is made for it.
+    server = start_server(tmp_path / "turnd", secrets=[""])
+    try:
+        assert "generated a shared secret" not in server.log_text()
+        assert "holds no secrets" in server.log_text()
+
+        async def attempt() -> None:
+            creds = mint_credentials(OLD_SECRET, "alice", 600)
+            async with await TurnClient.connect("127.0.0.1", server.port("udp"), username=creds.username,
+                                                password=creds.password, timeout_s=3.0) as client:
+                await client.allocate()
+
+        with pytest.raises(ErrorResponse) as refused:
+            asyncio.run(attempt())
+        assert refused.value.code == 401
     finally:
         server.stop()

@@ -338,10 +338,14 @@ def test_secrets_file_unreadable_or_empty(tmp_path: Path) -> None:
     assert "cannot read" in problems[0].message
     empty = tmp_path / "empty"
     empty.write_text("# nothing yet\n\n")
-    # An empty file is a problem of its own, even when TURND_SECRETS also holds secrets.
-    problems = check(with_(secrets_file=str(empty)))
-    assert [p.option for p in problems] == ["secrets_file"]
-    assert "holds no secrets" in problems[0].message
+    # An empty file is a revocation, not a mistake: a warning, so that a reload applies it.
+    from turnserver.config import config_warnings
+
+    assert check(with_(secrets_file=str(empty))) == []
+    empty.chmod(0o600)
+    warnings = config_warnings(with_(secrets_file=str(empty)))
+    assert [p.option for p in warnings] == ["secrets_file"]
+    assert "holds no secrets" in warnings[0].message and "revoked" in warnings[0].message
 
 
 def test_secrets_file_with_secrets_is_fine(tmp_path: Path) -> None:

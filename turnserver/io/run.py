@@ -26,6 +26,7 @@ from ..config import (
     ConfigError,
     Problem,
     config_warnings,
+    credentials_configured,
     load_and_check,
     load_secrets,
     weak_secret_warnings,
@@ -60,6 +61,8 @@ class Settings:
     config: Config
     secrets: list[bytes]
     static_users: dict[str, str | bytes]
+    # Whether any credential source is configured, empty ones included (credentials_configured).
+    credentials_configured: bool = True
 
 
 SettingsLoader = Callable[[], Settings]
@@ -85,7 +88,8 @@ def settings_loader(config_path: str | None, overrides: Mapping[str, object], *,
                 static_users = CredentialStore.load_static_users(config.static_users_file)
             except (OSError, ValueError) as exc:
                 raise ConfigError([Problem("static_users_file", str(exc))]) from None
-        return Settings(config, secrets, static_users)
+        return Settings(config, secrets, static_users,
+                        credentials_configured=credentials_configured(config, environ))
 
     return load
 
@@ -285,7 +289,7 @@ class Daemon:
         server = self.server
         secrets, static_users = settings.secrets, settings.static_users
         if not secrets and not static_users:
-            if self.generated_secret:
+            if self.generated_secret and not settings.credentials_configured:
                 # Still no credentials configured, as at start-up: the secret made for this
                 # run is the one clients were given, so it stays.
                 log.info("reload: no secrets and no static users configured; keeping the secret "

@@ -554,7 +554,7 @@ class StreamConnection(asyncio.Protocol):
         # close(), which frees the allocation at once and starts the grace period after which
         # a client that does not read what is still queued is cut off.
         self.close("peer_closed")
-        return True
+        return None  # our close() is already under way (and TLS transports ignore True)
 
     def close(self, reason: str, *, abort: bool = False) -> None:
         """Close for ``reason``; counted when the transport reports the connection lost."""

@@ -84,6 +84,14 @@ MAX_UNKNOWN_LISTED = 128
 # this many in a burst and per second from one source address.
 _AUTH_LOG_BURST = 5
 _AUTH_LOG_RATE_S = 0.2
+# and at most this many lines a second (bursts of _AUTH_LOG_TOTAL_BURST) from all sources
+# together, since UDP sources can be forged by the thousand.
+_AUTH_LOG_TOTAL_RATE_S = 20.0
+_AUTH_LOG_TOTAL_BURST = 100
+# Failures that need a nonce the server sent to the client's address, so a forged UDP source
+# cannot cause them: only these are warnings (and what fail2ban counts). The others (a missing
+# attribute, a nonce the server never made) can come from anyone about any address: debug.
+_AUTH_WARNINGS = frozenset({"unknown_user", "bad_integrity", "expired_username"})
 # Reason phrases of a 403 that name the policy's rule, so an operator can tell them apart.
 _POLICY_PHRASES = {
     "own_port": "Peer is a listening port of this server or a relay port it does not hold",
@@ -199,6 +207,8 @@ class TurnCore:
         self._auth_log = SourceRateLimiter(_AUTH_LOG_RATE_S, _AUTH_LOG_BURST,
                                            seed=int.from_bytes(self.random_bytes(8), "big"),
                                            slots=1024)
+        self._auth_log_total = SourceRateLimiter(_AUTH_LOG_TOTAL_RATE_S, _AUTH_LOG_TOTAL_BURST,
+                                                 seed=0, slots=1)
         self.bandwidth_up = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
         self.bandwidth_down = TokenBucket(config.server_bandwidth_bytes_s, 0.0)
 
@@ -586,8 +596,10 @@ class TurnCore:
         the user part and the reason (never a password, key or nonce), rate-limited per
         source. A stale nonce is routine (the client retries with the fresh one): debug."""
         self.stats.auth_failures[reason] += 1
-        level = logging.DEBUG if reason == "stale_nonce" else logging.WARNING
+        level = logging.WARNING if reason in _AUTH_WARNINGS else logging.DEBUG
         if not _log.isEnabledFor(level) or not self._auth_log.allow(five_tuple[1][0], now):
+            return
+        if not self._auth_log_total.allow("", now):
             return
         user = _printable(self.credentials.quota_user(username)) if isinstance(username, str) else "-"
         # The fields make the line: "authentication failed client=IP port=N reason=... user=..."
