@@ -814,7 +814,9 @@ def _op_channel_data(run: CoreRun, r: Reader) -> None:
     assert allocation is not None
     channel = allocation.channels.get(number)
     assert channel is not None and channel.expires_at > run.now, f"unbound channel 0x{number:04x} relayed"
-    assert result.peer == channel.peer and result.data == payload[:length], result
+    # The declared length rules: bytes after the payload (padding, junk) are data when the
+    # length covers them.
+    assert result.peer == channel.peer and result.data == data[4:4 + length], result
     _check_send_to_peer(run, five_tuple, result)
 
 
