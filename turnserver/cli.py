@@ -105,7 +105,8 @@ def serve(config_path: str | None, ready_file: str | None, **kwargs: Any) -> Non
               help="json: the iceServers a browser's RTCPeerConnection takes; plain: KEY=value lines for "
               "scripts; rest: the TURN REST API response (username, password, ttl, uris).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              envvar="TURND_CONFIG", help="TOML configuration file, for secrets_file, ports and public_host.")
+              envvar="TURND_CONFIG", help="TOML configuration file, for secrets_file, ports and "
+              "public_host (default /etc/turnd/turnd.toml if present).")
 @click.option("--secrets-file", default=None, type=click.Path(dir_okay=False),
               help=f"File of shared secrets (the first mints). Or set {SECRETS_ENV}.")
 @click_options(only=MINT_OPTIONS)
@@ -166,6 +167,14 @@ def _mint_hint_flags(config: Config, config_path: str | None) -> str:
     return "".join(" " + shlex.quote(part) for part in parts)
 
 
+def _detected_host() -> str:
+    """This machine's primary address (what the relay defaults to), for a hint."""
+    from .io.relay import detect_relay_addresses
+
+    address = detect_relay_addresses()[0]
+    return f"[{address}]" if ":" in address else address
+
+
 def _generated_secret(config: Config, config_path: str | None = None) -> str:
     """Embedded defaults: a fresh shared secret for this run, shown once.
 
@@ -174,8 +183,10 @@ def _generated_secret(config: Config, config_path: str | None = None) -> str:
     printed. The file is this instance's (see _generated_secret_path).
     """
     generated = _secrets.token_urlsafe(32)
-    how = ("Mint browser credentials for it with:\n"
-           f"  {SECRETS_ENV}=\"$(cat FILE)\" turnd mint --user alice --host <this host's address>"
+    host = config.public_host or _detected_host()
+    how = ("Mint browser credentials for it with (a command to paste as it is; name the host "
+           "clients use with --host):\n"
+           f"  {SECRETS_ENV}=\"$(cat FILE)\" turnd mint --user alice --host {host}"
            f"{_mint_hint_flags(config, config_path)}\n"
            "Set secrets_file (one secret per line) to keep a secret across restarts.")
     if sys.stderr.isatty():

@@ -647,7 +647,8 @@ def weak_secret_warnings(secrets: Iterable[bytes]) -> list[str]:
         if bits < MIN_SECRET_BITS:
             out.append(f"shared secret #{index} carries about {bits} bits, under "
                        f"{MIN_SECRET_BITS}: anyone who guesses it mints credentials; use "
-                       "32 random bytes, e.g. `openssl rand -hex 32`")
+                       "32 random bytes, e.g. from `python3 -c 'import secrets; "
+                       "print(secrets.token_urlsafe(32))'`")
     return out
 
 
@@ -826,6 +827,19 @@ def _check_listeners(config: Config, problems: list[Problem]) -> list[_Endpoint]
                 problems.append(Problem("listen_tls", f"{tls.text} conflicts with listen_tcp "
                                                       f"{tcp.text}: both are TCP sockets on "
                                                       "the same address and port"))
+    # A specific address must be one of this host's, or serve cannot bind it ("Cannot
+    # assign requested address") and a systemd unit restarts forever.
+    checked: dict[Address, str | None] = {}
+    for option, endpoints in by_proto.items():
+        for ep in endpoints:
+            if ep.address.is_unspecified:
+                continue
+            if ep.address not in checked:
+                checked[ep.address] = _bind_check(ep.address)
+            error = checked[ep.address]
+            if error is not None:
+                problems.append(Problem(option, f"{ep.text}: {ep.address} is not an address of "
+                                                f"this host ({error})"))
     return [e for endpoints in by_proto.values() for e in endpoints]
 
 
@@ -1034,21 +1048,20 @@ def _check_static_users(path: str, problems: list[Problem]) -> None:
                                     f"{path} line {number}: expected \"user:password\" or "
                                     "\"user:0x<md5 key>\""))
             continue
-        if credential.lower().startswith(b"0x") and not _MD5_KEY_RE.fullmatch(
-                credential.decode("ascii", "replace")):
-            problems.append(Problem("static_users_file",
-                                    f"{path} line {number}: a key must be 0x followed by 32 "
-                                    "hex digits"))
-            continue
         try:
-            user.decode("utf-8")
+            name = user.decode("utf-8")
         except UnicodeDecodeError:
             problems.append(Problem("static_users_file",
                                     f"{path} line {number}: the user name is not UTF-8"))
             continue
-        if user in seen:
+        who = f"{path} line {number} (user {_show(name)})"  # the user, never the password
+        if credential.lower().startswith(b"0x") and not _MD5_KEY_RE.fullmatch(
+                credential.decode("ascii", "replace")):
             problems.append(Problem("static_users_file",
-                                    f"{path} line {number}: user listed twice"))
+                                    f"{who}: a key must be 0x followed by 32 hex digits"))
+            continue
+        if user in seen:
+            problems.append(Problem("static_users_file", f"{who}: user listed twice"))
             continue
         seen.add(user)
         count += 1

@@ -546,8 +546,14 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
     if not state.no_dtls and state.cert is not None:
         state.notes.append("dtls: coturn also served DTLS on the TLS port; turnd has no DTLS, "
                            "clients must use UDP, TCP or TLS")
+    # Certbot's files only root can read: point at where docs/deploy.md's hook copies them.
+    hooked = {"tls_cert_file": "/etc/turnd/tls/fullchain.pem",
+              "tls_key_file": "/etc/turnd/tls/privkey.pem"}
     for name, path in (("tls_cert_file", state.cert), ("tls_key_file", state.pkey)):
         if path is None or not tls_files:
+            continue
+        if os.path.normpath(path).startswith("/etc/letsencrypt/"):
+            values[name] = hooked[name]
             continue
         if not os.path.isabs(path):
             if base_dir is not None:
@@ -594,9 +600,10 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
     for path in (state.cert, state.pkey):
         if path and os.path.normpath(path).startswith("/etc/letsencrypt/"):
             state.notes.append(f"cert/pkey: {path} is under /etc/letsencrypt, which only root "
-                               "can read and turnd does not run as root: copy the files to "
-                               "/etc/turnd/tls with a certbot deploy hook (docs/deploy.md, "
-                               "section 5) and point tls_cert_file and tls_key_file there")
+                               "can read and turnd does not run as root: tls_cert_file and "
+                               "tls_key_file point at /etc/turnd/tls instead, where the certbot "
+                               "deploy hook of docs/deploy.md (section 5) copies them; install "
+                               "the hook and run it once")
             break
     if state.allowed:
         values["allowed_peers"] = state.allowed

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
@@ -39,7 +40,7 @@ DEFAULT_TROUBLE_INTERVAL_S = 10.0
 TRANSPORTS = ("udp", "tcp", "tls")
 FAMILIES = ("ipv4", "ipv6", "dual")
 DIRECTIONS = ("client_to_peer", "peer_to_client")
-REFUSAL_REASONS = ("auth", "quota", "capacity", "draining", "bad_request", "mismatch")
+REFUSAL_REASONS = ("auth", "quota", "capacity", "family", "draining", "bad_request", "mismatch")
 END_REASONS = ("expired", "deleted", "connection_closed", "shutdown")
 AUTH_FAILURE_REASONS = (
     "unknown_user", "bad_integrity", "stale_nonce", "bad_nonce", "expired_username", "bad_request",
@@ -529,7 +530,13 @@ class Observability:
         if spec:
             host, port = parse_hostport(spec, "metrics_listen")
             endpoint = MetricsEndpoint(self.registry, self.health)
-            address = await endpoint.start(host, port)
+            try:
+                address = await endpoint.start(host, port)
+            except OSError as exc:
+                # Named like the listeners' errors, and with the option to change.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise OSError(exc.errno, f"metrics_listen {format_hostport(host, port)}: "
+                                         f"{reason}") from None
             self.endpoint = endpoint
             log.info("metrics on http://%s/metrics, health on /health", format_hostport(*address))
         self._trouble = TroubleReporter(lambda: getattr(getattr(self.server, "core", None), "stats", None))

@@ -107,7 +107,11 @@ def explain_failure(exc: BaseException, step: str) -> str:
     if isinstance(exc, TransportError):
         text = str(exc)
         if "certificate verify failed" in text:
-            return f"{text} (--insecure skips verification, e.g. for a self-signed certificate)"
+            if "mismatch" in text:
+                return (f"{text} (--server-name names the certificate's name when HOST is an "
+                        "address or another name)")
+            return (f"{text} (--ca-file trusts your own CA; --insecure skips verification, e.g. "
+                    "for a self-signed certificate)")
         return text
     return f"{type(exc).__name__}: {exc}"
 

@@ -89,6 +89,7 @@ def start_server(workdir: Path, *, env: dict[str, str] | None = None, secrets: l
     merged.update(options)
     secrets_path = workdir / "secrets"
     secrets_path.write_text("\n".join(secrets or [SECRET]) + "\n")
+    secrets_path.chmod(0o600)  # as an operator keeps it: a file every user reads is warned about
     merged.setdefault("secrets_file", str(secrets_path))
     config_path = workdir / "turnd.toml"
     config_path.write_text("".join(f"{k} = {toml_literal(v)}\n" for k, v in merged.items()))

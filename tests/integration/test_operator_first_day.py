@@ -43,6 +43,19 @@ def test_address_in_use_names_the_socket(tmp_path: Path) -> None:
     assert f"cannot start: udp 127.0.0.1:{port}: Address already in use" in server.log_text()
 
 
+def test_a_metrics_port_in_use_names_metrics_listen(tmp_path: Path) -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        server = start_server(tmp_path / "turnd", wait=False, metrics_listen=f"127.0.0.1:{port}")
+        assert server.proc.wait(timeout=15) == 1
+    finally:
+        taken.close()
+    assert f"cannot start: metrics_listen 127.0.0.1:{port}: Address already in use" in server.log_text()
+
+
 def test_the_text_shutdown_summary_prints_each_number_once(server_factory: Callable[..., RunningServer]) -> None:
     server = server_factory(listen_tcp=["127.0.0.1:0"])
     for _ in range(3):

@@ -79,8 +79,12 @@ def test_probe_verifies_against_ones_own_ca_and_the_certificates_name(
     assert "PASS" in ok.stdout and "ALPN stun.turn" in ok.stdout
     wrong_name = probe(*args, "--ca-file", str(ca), "--server-name", "turn.example.com")
     assert wrong_name.returncode == 1 and "certificate verify failed" in wrong_name.stdout
+    assert "--server-name names the certificate's name" in wrong_name.stdout
+    by_address = probe(*args, "--ca-file", str(ca))  # HOST 127.0.0.1 is not the name
+    assert by_address.returncode == 1 and "--server-name" in by_address.stdout
     system_cas = probe(*args, "--server-name", "turn.internal.test")
     assert system_cas.returncode == 1 and "certificate verify failed" in system_cas.stdout
+    assert "--ca-file trusts your own CA" in system_cas.stdout
 
 
 def test_probe_asks_for_ipv6_relay_addresses_when_told(server_factory: Callable[..., RunningServer]) -> None:

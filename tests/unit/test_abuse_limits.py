@@ -457,3 +457,12 @@ def test_policy_refusal_series_are_exported_at_zero() -> None:
     text = generate_latest(build_registry(fake_server(make_core().core), process=False)).decode()
     for reason in POLICY_REASONS:
         assert f'turn_peer_policy_refusals_total{{reason="{reason}"}} 0.0' in text
+
+
+def test_an_ipv6_request_to_an_ipv4_only_relay_is_refused_as_family_not_capacity() -> None:
+    # The capacity alert must not fire for a client that asks for what the server never had.
+    h = make_core()
+    reply = Client(h).allocate(REQUESTED_ADDRESS_FAMILY=2)
+    assert code(reply) == 440
+    assert h.core.stats.allocations_refused["family"] == 1
+    assert h.core.stats.allocations_refused["capacity"] == 0

@@ -234,11 +234,19 @@ def test_the_start_up_hint_names_the_flags_the_server_was_started_with(tmp_path,
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
     stderr = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
-    config = Config(listen_udp=("0.0.0.0:3479",), listen_tcp=(), listen_tls=("0.0.0.0:443",))
+    config = Config(listen_udp=("0.0.0.0:3479",), listen_tcp=(), listen_tls=("0.0.0.0:443",),
+                    public_host="turn.example.com")
     cli._generated_secret(config, "/etc/turnd/custom.toml")
     hint = stderr.getvalue()
-    assert ("turnd mint --user alice --host <this host's address> --config /etc/turnd/custom.toml "
-            "--listen-udp 0.0.0.0:3479 --listen-tcp '' --listen-tls 0.0.0.0:443") in hint
+    command = next(line for line in hint.splitlines() if "turnd mint" in line)
+    assert command.endswith("turnd mint --user alice --host turn.example.com --config "
+                            "/etc/turnd/custom.toml --listen-udp 0.0.0.0:3479 --listen-tcp '' "
+                            "--listen-tls 0.0.0.0:443")
+    # A command to paste: the shell reads it as it is (no placeholder in angle brackets).
+    import shlex
+
+    words = shlex.split(command.split("turnd mint", 1)[1])
+    assert words[:4] == ["--user", "alice", "--host", "turn.example.com"]
 
 
 def test_mint_takes_the_listener_flags_and_lists_every_port_443_first() -> None:

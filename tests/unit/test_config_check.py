@@ -368,6 +368,8 @@ def test_static_users_file(tmp_path: Path) -> None:
     assert all(p.option == "static_users_file" for p in problems)
     assert len(problems) == 3
     assert "line 4" in messages[0] and "line 5" in messages[1] and "line 6" in messages[2]
+    # The user is named where the line has one; the password never is.
+    assert "user 'dave'" in messages[1] and "user 'alice'" in messages[2]
     text = "\n".join(messages)
     for secret_part in ("wonderland", "secret-xyz", "nothex", "again-pass"):
         assert secret_part not in text
@@ -422,3 +424,11 @@ def test_several_problems_at_once(tmp_path: Path) -> None:
     options = {p.option for p in check(config)}
     assert options == {"relay_addresses", "allowed_peers", "relay_port_max", "tls_cert_file",
                        "tls_key_file", "listen_tls", "default_lifetime_s", "secrets_file"}
+
+
+def test_a_listener_on_an_address_this_host_does_not_have_is_a_problem() -> None:
+    # serve could not bind it, and a systemd unit would restart forever; check says so first.
+    problems = check(with_(listen_udp=("192.0.2.123:3478",), listen_tcp=("192.0.2.123:3478",)))
+    assert [p.option for p in problems] == ["listen_udp", "listen_tcp"]
+    assert all("not an address of this host" in p.message for p in problems)
+    assert check(with_(listen_udp=("127.0.0.1:3478",), listen_tcp=("0.0.0.0:3478",))) == []

@@ -69,8 +69,8 @@ def test_production_file_converts_and_loads_cleanly(tmp_path: Path) -> None:
     assert config.realm == "turn.example.com"
     assert config.public_host == "turn.example.com"
     assert config.secrets_file == DEFAULT_SECRETS_PATH
-    assert config.tls_cert_file == "/etc/letsencrypt/live/turn.example.com/fullchain.pem"
-    assert config.tls_key_file == "/etc/letsencrypt/live/turn.example.com/privkey.pem"
+    assert config.tls_cert_file == "/etc/turnd/tls/fullchain.pem"  # where the certbot hook copies
+    assert config.tls_key_file == "/etc/turnd/tls/privkey.pem"
     assert config.max_allocations == 1200
     assert config.user_quota == 12
     assert config.allocation_bandwidth_bytes_s == 3000000  # max-bps: bytes/s per session
@@ -318,10 +318,13 @@ def test_two_relay_addresses_with_one_external_ip_become_ext_equals_bound(tmp_pa
 
 
 def test_a_letsencrypt_certificate_gets_a_note_about_the_deploy_hook() -> None:
-    _, notes = convert("cert=/etc/letsencrypt/live/turn.example.com/fullchain.pem\n"
+    toml_text, notes = convert("cert=/etc/letsencrypt/live/turn.example.com/fullchain.pem\n"
                        "pkey=/etc/letsencrypt/live/turn.example.com/privkey.pem\n")
     hook = [n for n in notes if "/etc/letsencrypt" in n and "deploy hook" in n]
     assert len(hook) == 1 and "/etc/turnd/tls" in hook[0]
+    data = tomllib.loads(toml_text)
+    assert (data["tls_cert_file"], data["tls_key_file"]) == ("/etc/turnd/tls/fullchain.pem",
+                                                             "/etc/turnd/tls/privkey.pem")
     _, elsewhere = convert("cert=/etc/turnd/tls/fullchain.pem\npkey=/etc/turnd/tls/privkey.pem\n")
     assert not any("deploy hook" in n for n in elsewhere)
 

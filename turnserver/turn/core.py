@@ -710,7 +710,7 @@ class TurnCore:
             if family not in available:
                 # RFC 8656 §7.2 step 7: without REQUESTED-ADDRESS-FAMILY the allocation is
                 # IPv4, so an IPv6-only server answers 440 even to ADDITIONAL-ADDRESS-FAMILY.
-                raise error(440, label="capacity")
+                raise error(440, label="family")
             bound = self.relay_ports.allocate(
                 family, even_port=even_port is not None, reserve_next=bool(even_port),
                 dont_fragment=dont_fragment,
@@ -1128,6 +1128,6 @@ def _printable(text: str, limit: int = 64) -> str:
 def _refusal_reason(exc: TurnError) -> str:
     """Low-cardinality reason for an Allocate that did not succeed."""
     label = exc.label
-    if label in ("auth", "quota", "capacity", "draining", "mismatch"):
+    if label in ("auth", "quota", "capacity", "family", "draining", "mismatch"):
         return label
     return "bad_request"
