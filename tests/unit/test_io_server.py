@@ -100,3 +100,40 @@ def test_configured_addresses_are_canonicalised() -> None:
     config = load_config(None, env={}, overrides={"relay_addresses": ["2001:DB8:0::1"],
                                                   "external_addresses": ["2001:DB8:0:0::9=2001:db8::1"]})
     assert external_map(config, ["2001:db8::1"]) == {"2001:db8::1": "2001:db8::9"}
+
+
+def test_descriptors_needed_counts_relays_connections_and_listeners() -> None:
+    from turnserver.config import Config
+    from turnserver.io.server import descriptors_needed
+
+    config = Config(max_allocations=1000, max_connections=500, relay_port_min=50000,
+                    relay_port_max=59999, listen_udp=("0.0.0.0:3478",), listen_tcp=("0.0.0.0:3478",),
+                    listen_tls=())
+    assert descriptors_needed(config, ["192.0.2.1"]) == 1000 + 500 + 2 + 64
+    # Dual stack: two relay sockets per allocation; never more than the port range holds.
+    assert descriptors_needed(config, ["192.0.2.1", "2001:db8::1"]) == 2000 + 500 + 2 + 64
+    unlimited = Config(max_allocations=0, relay_port_min=50000, relay_port_max=50099,
+                       listen_tcp=(), listen_tls=())
+    assert descriptors_needed(unlimited, ["192.0.2.1"]) == 100 + 0 + 2 + 64
+
+
+def test_the_soft_descriptor_limit_is_raised_and_a_short_hard_limit_warned_about() -> None:
+    # In a child process, so this one's limits stay as they are.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from turnserver.io.server import fit_descriptor_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+        "assert fit_descriptor_limit(2000) is None\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2000\n"
+        "warning = fit_descriptor_limit(10000)\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 4096\n"
+        "assert 'max_allocations' in warning and 'max_connections' in warning, warning\n"
+        "assert 'LimitNOFILE' in warning and '4096' in warning, warning\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
