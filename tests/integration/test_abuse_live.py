@@ -11,6 +11,7 @@ import asyncio
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import aioice.turn
@@ -201,6 +202,10 @@ def test_a_pipelining_client_that_never_reads_pins_only_a_small_reply_allowance(
     assert sent < limit, "the server read 16 MB of requests whose answers nobody read"
     assert metrics.get("turn_stream_read_pauses_total") >= 1
     assert grown < 8 * 1024, grown  # the allowance and one read's worth, not megabytes
+    if transport == "tcp":
+        # The kernel's send queue toward the client is held small too (it could grow to MBs).
+        queued = server_send_queue(server.port("tcp"), sock.getsockname()[1])
+        assert queued is not None and queued < 256 * 1024, queued
     # Another client is served meanwhile.
     other = connect(server, "tcp")
     try:
@@ -221,6 +226,16 @@ def test_a_pipelining_client_that_never_reads_pins_only_a_small_reply_allowance(
             answered += 1
     sock.close()
     assert answered == expected and expected > 0
+
+
+def server_send_queue(server_port: int, client_port: int) -> int | None:
+    """Bytes in the kernel's send queue of the server's side of a loopback TCP connection."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(fields[4].split(":")[0], 16)
+    return None
 
 
 def ssl_want_errors() -> tuple[type[BaseException], ...]:

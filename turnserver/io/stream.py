@@ -90,6 +90,8 @@ _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _ACCEPT_RETRY_S = 1.0
 # Replies to a client's own requests may exceed the media limit by this factor.
 _CONTROL_HEADROOM = 2
+# The smallest kernel send buffer set on a stream socket (the kernel doubles what it is given).
+_MIN_SNDBUF = 4096
 # The idle sweep runs at most and at least this often (seconds).
 _SWEEP_MIN_S = 0.05
 _SWEEP_MAX_S = 1.0
@@ -622,6 +624,16 @@ class StreamConnection(asyncio.Protocol):
         # Resume at a quarter: hysteresis, so a client reading slowly does not flip the
         # state on every message.
         self._transport.set_write_buffer_limits(high=high, low=high // 4)
+        # The kernel's send buffer is the other place replies wait. Before an allocation it is
+        # held to the same allowance (the kernel may grow an untouched one to megabytes); with
+        # one, media gets room for a second of a 5 Mbit/s call at any round-trip time.
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            size = 4 * limits.write_buffer_bytes if self._allocated else limits.unallocated_buffer_bytes
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(size, _MIN_SNDBUF))
+            except (OSError, AttributeError, TypeError):
+                pass
 
     def _reply_allowance(self) -> int:
         """Bytes of queued replies beyond which this connection stops reading."""
