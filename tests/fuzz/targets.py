@@ -1072,19 +1072,33 @@ class CoreInput:
         return self
 
     def request(self, client: int, method: int, mode: str = "md5", user: int = 0,
-                extra: bytes = b"", template: bool = True, fingerprint: bool = False) -> CoreInput:
-        """A built request. ``extra`` is the raw attribute-count byte and attribute fields."""
+                extra: bytes = b"", template: bool = True, fingerprint: bool = False,
+                peers: tuple[bytes, ...] = (), channel: int = 0) -> CoreInput:
+        """A built request. ``extra`` is the raw attribute-count byte and attribute fields;
+        ``peers`` (see :meth:`peer`) and ``channel`` (an index into ``_CHANNELS``) fill the
+        CreatePermission and ChannelBind templates."""
         parts: list[int | bytes] = [client, _METHODS.index(method), 0 if template else 255]
         if method == Method.CHANNEL_BIND and template:
-            parts += [0, 0]  # channel 0x4000, peer 0 (203.0.113.50:6000)
+            parts += [channel, *(peers[:1] or [self.peer(0)])]
         elif method == Method.CREATE_PERMISSION and template:
-            parts += [0, 2]  # one peer, 203.0.113.60:7000
+            chosen = peers or (self.peer(2),)
+            parts += [len(chosen) - 1, *chosen]
         elif method == Method.REFRESH and template:
             parts += [0]  # no LIFETIME
         parts += [extra or b"\0", _AUTH_MODES.index(mode), user, 255, 0 if fingerprint else 255]
         if mode == "garbage_nonce":
             parts += [0]
         return self._op("request", *parts)
+
+    @staticmethod
+    def peer(index: int) -> bytes:
+        """``PEERS[index]``."""
+        return bytes([index])
+
+    @staticmethod
+    def ipv4_peer(ip: str, port: int) -> bytes:
+        """Any IPv4 peer."""
+        return bytes([201]) + ipaddress.IPv4Address(ip).packed + struct.pack("!H", port)
 
     def send(self, client: int, peer: int, payload: bytes) -> CoreInput:
         return self._op("send", client, peer, len(payload), payload, 0, 255)
@@ -1094,8 +1108,12 @@ class CoreInput:
         return self._op("channel_data", client, 0, bound_index, b"\0\0", len(payload), payload,
                         b"\0\0\0", 0)
 
-    def peer_data(self, relay: int, peer: int, payload: bytes) -> CoreInput:
+    def peer_data(self, relay: int, peer: int | bytes, payload: bytes) -> CoreInput:
         return self._op("peer_data", relay, peer, len(payload), payload)
+
+    def big_peer_data(self, relay: int, peer: int | bytes, size_index: int) -> CoreInput:
+        """A datagram of one of the large sizes ``_op_peer_data`` knows."""
+        return self._op("peer_data", relay, peer, 255, size_index)
 
     def time(self, step_index: int, timer: bool = True) -> CoreInput:
         """Let ``_STEPS[step_index]`` seconds pass, then run the timers (or not)."""
@@ -1180,5 +1198,18 @@ def seed_inputs() -> dict[str, dict[str, bytes]]:
              .request(0, Method.ALLOCATE, user=2)
              .raw(0, allocate)
              .build())
-    core = {"exchange": exchange, "stream_client": stream_client, "churn": churn}
+    peers = [CoreInput.ipv4_peer(f"203.0.113.{70 + i}", 6000) for i in range(4)]
+    limits = (CoreInput(limits=1 | 2)  # 3 permissions, 2 channels, 3000 bytes/s
+              .request(0, Method.ALLOCATE)
+              .request(0, Method.CREATE_PERMISSION, peers=tuple(peers))  # more than fit
+              .request(0, Method.CREATE_PERMISSION, peers=tuple(peers[:3]))
+              .request(0, Method.CREATE_PERMISSION, peers=(CoreInput.peer(2),))  # a fourth
+              .request(0, Method.CHANNEL_BIND, channel=0, peers=(peers[0],))
+              .request(0, Method.CHANNEL_BIND, channel=1, peers=(peers[1],))
+              .request(0, Method.CHANNEL_BIND, channel=2, peers=(peers[2],))  # a third
+              .big_peer_data(0, peers[0], 0)
+              .big_peer_data(0, peers[1], 0)
+              .big_peer_data(0, peers[2], 0)  # past the 3000 bytes of burst
+              .build())
+    core = {"exchange": exchange, "stream_client": stream_client, "churn": churn, "limits": limits}
     return {"stun_decode": decode, "stream_framer": framer, "turn_core": core}

@@ -71,6 +71,16 @@ def test_core_seed_gets_past_authentication_to_the_data_paths() -> None:
     assert run.to_client == 2  # one as ChannelData, one as a Data indication
 
 
+def test_core_seed_reaches_the_per_allocation_limits() -> None:
+    run = run_core(seed_inputs()["turn_core"]["limits"])
+    refused = run.h.core.stats.limit_refusals
+    assert refused["permissions"] == 2 and refused["channels"] == 1, dict(refused)
+    assert refused["allocation_bandwidth"] == 1, dict(refused)
+    assert run.answers[(Method.CREATE_PERMISSION, 200)] == 1
+    assert run.answers[(Method.CHANNEL_BIND, 200)] == 2
+    assert run.to_client == 2  # the third datagram was over the allocation's bandwidth
+
+
 def test_core_checks_catch_an_answer_with_another_transaction_id(monkeypatch: pytest.MonkeyPatch) -> None:
     original = TurnCore.handle_stun
 
