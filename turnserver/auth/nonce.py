@@ -31,10 +31,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import re
 from collections.abc import Callable
 from typing import Literal
+
+from ..addresses import canonical_ip
 
 __all__ = [
     "NONCE_COOKIE_PREFIX",
@@ -149,11 +150,9 @@ class NonceManager:
 
 
 def _canonical_ip(client_ip: str) -> str:
-    """One spelling per address, so "::FFFF:1.2.3.4" and "1.2.3.4" bind alike."""
+    """One spelling per address, so "::FFFF:1.2.3.4" and "1.2.3.4" bind alike; a client
+    "address" that is no IP (a test's placeholder) binds as written."""
     try:
-        addr = ipaddress.ip_address(client_ip)
+        return canonical_ip(client_ip)
     except ValueError:
         return str(client_ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)

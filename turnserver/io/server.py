@@ -8,7 +8,6 @@ turnserver/turn and never sees a socket.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from ..addresses import canonical_ip
 from ..auth import CredentialStore, NonceManager
 from ..config import Config, format_hostport, parse_hostport, reload_plan
 from ..metrics import Observability
@@ -148,16 +148,10 @@ def external_map(config: Config, relay_addresses: list[str]) -> dict[str, str]:
     for item in config.external_addresses:
         if "=" in item:
             ext, bound = item.split("=", 1)
-            external[canonical_ip(bound)] = canonical_ip(ext)
+            external[canonical_ip(bound.strip())] = canonical_ip(ext.strip())
         elif relay_addresses:
-            external[relay_addresses[0]] = canonical_ip(item)
+            external[relay_addresses[0]] = canonical_ip(item.strip())
     return external
-
-
-def canonical_ip(text: str) -> str:
-    """One spelling per address ("2001:DB8:0::1" -> "2001:db8::1"), as sockets report them,
-    so configured addresses compare equal to what arrives on the wire."""
-    return str(ipaddress.ip_address(text.strip()))
 
 
 def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
@@ -246,7 +240,9 @@ class TurnServer:
     async def start(self) -> None:
         config = self.config
         self.loop = loop = asyncio.get_running_loop()
-        self.state.relay_addresses = [canonical_ip(a) for a in config.relay_addresses] or detect_relay_addresses()
+        # Kept as written when IPv4-mapped: each is bound as given (an IPv6 socket for "::ffff:…").
+        self.state.relay_addresses = [canonical_ip(a.strip(), keep_mapped=True)
+                                      for a in config.relay_addresses] or detect_relay_addresses()
         warning = fit_descriptor_limit(descriptors_needed(config, self.state.relay_addresses))
         if warning is not None:
             log.warning("%s", warning)

@@ -21,14 +21,13 @@ it falls due on something refreshed in the meantime.
 
 from __future__ import annotations
 
-import functools
 import heapq
-import ipaddress
 import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..addresses import canonical_ip
 from ..auth import ALGORITHM_MD5, SUPPORTED_ALGORITHMS, CredentialStore, NonceManager
 from ..policy import PeerPolicy
 from ..stun import (
@@ -1102,16 +1101,6 @@ class TurnCore:
                                   + sum(1 for c in allocation.channels.values() if c.timer_at is not None))
             allocation.release_state()
             self._compact_timers()
-
-
-@functools.lru_cache(maxsize=1024)
-def canonical_ip(text: str) -> str:
-    """One spelling per address, as the peer policy reads them: ipaddress's text form, an
-    IPv4-mapped IPv6 address as the IPv4 address. ``ValueError`` when ``text`` is no IP."""
-    addr = ipaddress.ip_address(text)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 def _hostport(address: Address) -> str:
