@@ -422,7 +422,10 @@ class CoreRun:
     ops: Counter = field(default_factory=Counter)
     answers: Counter = field(default_factory=Counter)  # (method, code) of every answer
     sent_to_peer: int = 0
-    to_client: int = 0
+    to_client: int = 0  # results of handle_peer_data handed to a sink
+    # Payload bytes and datagrams the sinks took (those they dropped were reported to the
+    # core): what the allocations' counters must add up to.
+    delivered: list[int] = field(default_factory=lambda: [0, 0])
     tid_counter: int = 0
     last_tid: dict[int, bytes] = field(default_factory=dict)  # client index -> tid
     last_request: bytes = b""
@@ -851,6 +854,15 @@ def _op_peer_data(run: CoreRun, r: Reader) -> None:
         shown = indication.get(Attr.XOR_PEER_ADDRESS)
         assert _same_address(shown, (external.get(peer[0], peer[0]), peer[1])), (shown, peer)
     run.to_client += 1
+    # A sink with a full buffer (a stream client that does not read), chosen by the length so
+    # that the input format stays as it was: the I/O layer reports the drop to the core.
+    if len(payload) % 4 == 3:
+        counted = owner.bytes_to_client, owner.packets_to_client
+        core.peer_data_dropped(relay, len(payload))
+        assert (owner.bytes_to_client, owner.packets_to_client) == (counted[0] - len(payload), counted[1] - 1)
+    else:
+        run.delivered[0] += len(payload)
+        run.delivered[1] += 1
 
 
 _STEPS = (0.0, 1.0, 29.0, 31.0, 121.0, 299.0, 301.0, 599.0, 601.0, 3601.0)
@@ -930,6 +942,19 @@ def _op_reconfigure(run: CoreRun, r: Reader) -> None:
         core.draining = not core.draining
 
 
+def _check_delivered(run: CoreRun) -> None:
+    """Bytes and datagrams counted toward clients, live and ended allocations together, are
+    what the sinks took."""
+    core = run.h.core
+    counted = [sum(a.bytes_to_client for a in core.allocations.values()),
+               sum(a.packets_to_client for a in core.allocations.values())]
+    for (direction, _), (nbytes, packets) in core.stats.ended_traffic.items():
+        if direction == "peer_to_client":
+            counted[0] += nbytes
+            counted[1] += packets
+    assert counted == run.delivered, f"counted toward clients {counted} != delivered {run.delivered}"
+
+
 def _check_core(run: CoreRun) -> None:
     """The bookkeeping that must hold between any two calls."""
     core = run.h.core
@@ -997,6 +1022,7 @@ def _check_core(run: CoreRun) -> None:
     if isinstance(by_relay, dict):
         assert {relay: a for a in core.allocations.values() for relay in a.relays} == by_relay, \
             "relay lookup out of step with the allocations"
+    _check_delivered(run)
 
 
 _OPS: tuple[Callable[[CoreRun, Reader], None], ...] = (
@@ -1039,6 +1065,7 @@ def run_core(data: bytes) -> CoreRun:
     core = run.h.core
     core.shutdown(run.now)
     assert not core.allocations, "allocations left after shutdown"
+    _check_delivered(run)
     assert not run.ports.open, f"relays left open after shutdown: {run.ports.open}"
     assert not run.ports.bad_releases, run.ports.bad_releases
     assert core.stats.dropped["internal_error"] == 0

@@ -8,12 +8,10 @@ import asyncio
 import errno
 import socket
 
-from turnserver.io.relay import RelayPortPool, UdpRelay, send_to_peer
-from turnserver.io.server import TurnServer, UdpSink
+from turnserver.io.dispatch import UdpSink, send_to_peer
+from turnserver.io.relay import RelayPortPool, UdpRelay
 from turnserver.turn.core import SendToPeer
 from turnserver.turn.stats import CoreStats
-
-from .turn_harness import make_core
 
 
 def closed_socket() -> socket.socket:
@@ -50,20 +48,6 @@ def test_send_to_peer_counts_only_failures() -> None:
     finally:
         receiver.close()
         sender.close()
-
-
-def test_a_client_sink_that_cannot_send_is_counted() -> None:
-    harness = make_core()
-
-    class FailingSink:
-        def send(self, data: bytes) -> bool:
-            return False
-
-    server = TurnServer.__new__(TurnServer)
-    server.core = harness.core
-    harness.core.handle_peer_data = lambda relay, data, peer, now: (FailingSink(), data)  # type: ignore[method-assign]
-    server._on_peer_datagram(None, b"media", ("203.0.113.5", 1), 1.0)  # type: ignore[arg-type]
-    assert harness.core.stats.dropped["send_failed"] == 1
 
 
 def test_a_failing_reservation_bind_releases_the_first_port() -> None:

@@ -2,7 +2,8 @@
 
 Each relay is a plain non-blocking socket watched with ``loop.add_reader`` and drained in a
 bounded loop: measured here, that (or uvloop) moves several times what stdlib asyncio's
-datagram endpoints do on this path.
+datagram endpoints do on this path. Each datagram goes to ``on_datagram``, which the server
+sets to the data path's ``peer_datagram`` (io/dispatch.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Callable
 
 from ..config import format_hostport
 from ..turn.allocation import Address, family_of
-from ..turn.core import SendToPeer
-from ..turn.stats import CoreStats
 
 _RECV_SIZE = 65536
 # Datagrams handled per readiness callback before yielding to other sockets.
@@ -43,12 +42,6 @@ class UdpRelay:
 
     def __repr__(self) -> str:
         return f"UdpRelay({format_hostport(*self.address)})"
-
-
-def send_to_peer(out: SendToPeer, stats: CoreStats) -> None:
-    """Carry out the core's ``SendToPeer``; a datagram the kernel will not take is counted."""
-    if not out.relay.sendto(out.data, out.peer):  # type: ignore[attr-defined]
-        stats.dropped["send_failed"] += 1
 
 
 class RelayPortPool:

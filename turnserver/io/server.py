@@ -1,8 +1,12 @@
 """The daemon: binds listeners and relays around the sans-IO core and runs them on one loop.
 
 Everything that touches sockets, the clock or the event loop for the relay lives here and in
-its sibling modules (relay.py for relay ports, stream.py for TCP/TLS). The TURN logic is in
-turnserver/turn and never sees a socket.
+its sibling modules (dispatch.py for the per-packet data paths, relay.py for relay ports,
+stream.py for TCP/TLS). The TURN logic is in turnserver/turn and never sees a socket.
+
+Each UDP listener is drained here, up to 64 datagrams per readiness callback; every datagram
+goes to ``dispatch.client_message`` and its reply, if any, back with ``sendto``. The relay
+pool hands peer datagrams straight to ``dispatch.peer_datagram``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable
 
 from ..addresses import canonical_ip
@@ -22,9 +27,10 @@ from ..config import Config, format_hostport, parse_hostport, reload_plan
 from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation
-from ..turn.core import CoreConfig, SendToPeer, TurnCore
+from ..turn.core import CoreConfig, TurnCore
+from .dispatch import SinkFor, UdpSink, client_message, peer_datagram
 from .interfaces import host_addresses
-from .relay import RelayPortPool, UdpRelay, detect_relay_addresses, send_to_peer
+from .relay import RelayPortPool, detect_relay_addresses
 from .stream import StreamServer
 from .tls import TlsCertificates, certificate_names
 
@@ -34,23 +40,6 @@ usage_log = logging.getLogger("turnd.usage")
 _RECV_SIZE = 65536
 _DRAIN_BATCH = 64
 _LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-class UdpSink:
-    """The way back to a UDP client: the listener socket it wrote to, and its address."""
-
-    __slots__ = ("sock", "addr")
-
-    def __init__(self, sock: socket.socket, addr: Address) -> None:
-        self.sock = sock
-        self.addr = addr
-
-    def send(self, data: bytes) -> bool:
-        try:
-            self.sock.sendto(data, self.addr)
-            return True
-        except OSError:
-            return False  # full buffer: it is media, drop it (the caller counts it)
 
 
 @dataclass
@@ -246,9 +235,11 @@ class TurnServer:
         warning = fit_descriptor_limit(descriptors_needed(config, self.state.relay_addresses))
         if warning is not None:
             log.warning("%s", warning)
+        # Relay sockets are bound only by the core, built below, whose data path then takes
+        # their datagrams.
         self.relays = RelayPortPool(
             loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
-            self._on_peer_datagram,
+            lambda *_: None,
         )
         # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out valid.
         self._nonce_key = self.random_bytes(32)
@@ -265,6 +256,8 @@ class TurnServer:
             random_bytes=self.random_bytes,
             on_allocation_end=self._on_allocation_end,
         )
+        # Straight to the data path: no call through the server per peer datagram.
+        self.relays.on_datagram = partial(peer_datagram, self.core)
         try:
             for spec in config.listen_udp:
                 host, port = parse_hostport(spec, "listen_udp")
@@ -276,7 +269,8 @@ class TurnServer:
             self.core.reconfigure(policy=self.build_policy(config))
             for lst in self.state.listeners:
                 if lst.transport == "udp" and lst.sock is not None:
-                    loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address)
+                    loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address,
+                                    partial(UdpSink, lst.sock))
                 log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
             log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
                      config.relay_port_min, config.relay_port_max)
@@ -420,10 +414,11 @@ class TurnServer:
 
     # ------------------------------------------------------------------ datagrams
 
-    def _udp_readable(self, sock: socket.socket, local: Address) -> None:
+    def _udp_readable(self, sock: socket.socket, local: Address, sink_for: SinkFor) -> None:
         core = self.core
         assert core is not None and self.loop is not None
         recvfrom = sock.recvfrom
+        dispatch = client_message
         now = self.loop.time()
         channel_first_max = core.config.channel_max >> 8
         handled_stun = False
@@ -437,45 +432,20 @@ class TurnServer:
             if not data:
                 continue
             try:
-                first = data[0]
                 client = addr if len(addr) == 2 else (addr[0], addr[1])  # IPv6: drop flow/scope
-                if 0x40 <= first <= channel_first_max:
-                    out = core.handle_channel_data(data, ("udp", client, local), now)
-                    if out is not None:
-                        send_to_peer(out, core.stats)
-                elif first < 0x40:
+                reply = dispatch(core, data, ("udp", client, local), now, sink_for, channel_first_max)
+                if reply is not None:
                     handled_stun = True
-                    reply = core.handle_stun(data, ("udp", client, local), now, UdpSink(sock, client))
-                    if reply is None:
-                        pass
-                    elif isinstance(reply, SendToPeer):
-                        send_to_peer(reply, core.stats)
-                    else:
+                    if reply:
                         try:
                             sock.sendto(reply, addr)
                         except OSError:
                             core.stats.dropped["send_failed"] += 1
-                else:
-                    # RFC 8656 §12: only STUN (0-63) and ChannelData (64-79) are valid
-                    # (64-127 with legacy_channel_numbers).
-                    core.stats.dropped["not_stun"] += 1
             except Exception:  # one bad packet never stops the listener
                 core.stats.dropped["internal_error"] += 1
                 log.exception("error handling a datagram")
         if handled_stun:
             self._arm_timer()
-
-    def _on_peer_datagram(self, relay: UdpRelay, data: bytes, peer: Address, now: float) -> None:
-        core = self.core
-        assert core is not None
-        try:
-            out = core.handle_peer_data(relay, data, peer, now)
-            if out is not None:
-                if out[0].send(out[1]) is False:  # stream sinks count their own drops
-                    core.stats.dropped["send_failed"] += 1
-        except Exception:
-            core.stats.dropped["internal_error"] += 1
-            log.exception("error relaying a peer datagram")
 
     # ------------------------------------------------------------------ events
 

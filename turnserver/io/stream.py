@@ -2,10 +2,13 @@
 
 Each client connection is one :class:`StreamConnection`, an ``asyncio.Protocol`` (uvloop runs
 those without a Python-level stream layer). Bytes go through a
-:class:`~turnserver.stun.StreamFramer`; STUN frames go to ``core.handle_stun`` with the
-connection itself as the sink, ChannelData frames to ``core.handle_channel_data``. The relay
-toward peers stays UDP (REQUESTED-TRANSPORT 17). A connection's 5-tuple transport is "tcp"
-or "tls".
+:class:`~turnserver.stun.StreamFramer`; each frame goes to ``dispatch.client_message``, the
+same first-byte demultiplex as a UDP datagram's (STUN to ``core.handle_stun`` with the
+connection itself as the sink, ChannelData to ``core.handle_channel_data``), and its reply
+back through the connection's write back-pressure. The connection is the core's
+:class:`~.dispatch.Sink` for this client: ``send`` returns False for peer data it drops. The
+relay toward peers stays UDP (REQUESTED-TRANSPORT 17). A connection's 5-tuple transport is
+"tcp" or "tls".
 
 Plain TCP listeners are ``loop.create_server`` servers. TLS listeners accept in Python (one
 ``accept`` per connection, nothing per packet), peek at the first byte the client sends and
@@ -49,7 +52,8 @@ Counters (:class:`StreamStats`, plain ints read at scrape time, reachable as
   (the client closed or reset), ``shutdown`` (server stopping);
   ``sum(accepted.values()) == sum(open.values()) + sum(closed.values())``;
 * ``dropped_messages``, ``dropped_bytes``: messages toward slow clients dropped because
-  their write buffer was full;
+  their write buffer was full (peer data so dropped is not in the allocation's
+  ``bytes_to_client``: the data path takes it back out);
 * the TLS certificate's expiry: :meth:`StreamServer.tls_certificate_not_after`, and
   ``tls.reloads_ok`` / ``tls.reloads_failed`` on the :class:`~.tls.TlsCertificates`.
 """
@@ -68,8 +72,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 
 from ..stun import FramingError, StreamFramer
 from ..turn.allocation import Address, FiveTuple
-from ..turn.core import LEGACY_CHANNEL_MAX, SendToPeer
-from .relay import send_to_peer
+from ..turn.core import LEGACY_CHANNEL_MAX
+from .dispatch import client_message
 from .tls import TlsCertificates
 
 if TYPE_CHECKING:
@@ -704,6 +708,9 @@ class StreamConnection(asyncio.Protocol):
             return
         five_tuple = self._five_tuple
         assert five_tuple is not None
+        dispatch = client_message
+        sink_for = self.sink_for
+        channel_first_max = core.config.channel_max >> 8
         handled_stun = False
         for index, frame in enumerate(frames):
             if self._read_paused:
@@ -711,26 +718,18 @@ class StreamConnection(asyncio.Protocol):
                 self._backlog = frames[index:]
                 break
             try:
-                if frame[0] < 0x40:
-                    handled_stun = True
-                    reply = core.handle_stun(frame, five_tuple, now, self)
-                    if reply is None:
-                        continue
-                    if isinstance(reply, SendToPeer):
-                        send_to_peer(reply, core.stats)
-                    else:
-                        self._write_reply(reply)
+                # The framer returns only STUN and ChannelData (its padding removed).
+                reply = dispatch(core, frame, five_tuple, now, sink_for, channel_first_max)
+                if reply is None:
+                    continue
+                handled_stun = True
+                if reply:
+                    self._write_reply(reply)
                     allocation = core.allocations.get(five_tuple)
                     allocated = allocation is not None and allocation.sink is self
                     if allocated != self._allocated:
                         self._allocated = allocated
                         self.apply_write_limits()
-                else:
-                    # The framer returns only ChannelData here, its padding removed; the core
-                    # drops it unless the channel is bound.
-                    out = core.handle_channel_data(frame, five_tuple, now)
-                    if out is not None:
-                        send_to_peer(out, core.stats)
             except Exception:  # one bad frame never stops the connection or the loop
                 core.stats.dropped["internal_error"] += 1
                 log.exception("error handling a stream frame")
@@ -739,15 +738,21 @@ class StreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ writing
 
-    def send(self, data: bytes) -> None:
-        """Peer data for this client (the core's sink): dropped, not queued, when backed up."""
+    def sink_for(self, client: Address) -> StreamConnection:
+        """The sink of this connection's client (``dispatch.SinkFor``): the connection."""
+        return self
+
+    def send(self, data: bytes) -> bool:
+        """Peer data for this client (the core's sink): dropped, not queued, when backed up.
+        False when dropped (counted here, in ``dropped_messages`` and ``dropped_bytes``)."""
         transport = self._transport
         if self._write_paused or transport is None or self._state != _READY:
             stats = self.streams.stats
             stats.dropped_messages += 1
             stats.dropped_bytes += len(data)
-            return
+            return False
         transport.write(data)
+        return True
 
     def _write_reply(self, data: bytes) -> None:
         transport = self._transport

@@ -8,7 +8,8 @@ The core never touches a socket or a clock. The I/O layer hands it:
 * ``handle_channel_data(data, five_tuple, now)`` for ChannelData from a client; it returns a
   :class:`SendToPeer` or ``None``.
 * ``handle_peer_data(relay, data, peer, now)`` for a datagram a relay socket received; it
-  returns ``(sink, bytes)`` to send to the client, or ``None``.
+  returns ``(sink, bytes)`` to send to the client, or ``None``. When the sink drops those
+  bytes, ``peer_data_dropped(relay, len(data))`` takes them back out of the counters.
 * ``handle_timer(now)`` when ``next_deadline()`` passes, and ``connection_closed`` when a
   stream client goes away.
 
@@ -1054,6 +1055,15 @@ class TurnCore:
         allocation.bytes_to_client += size
         allocation.packets_to_client += 1
         return allocation.sink, frame
+
+    def peer_data_dropped(self, relay: RelayEndpoint, size: int) -> None:
+        """The sink dropped what ``handle_peer_data`` just returned for ``relay`` (a full
+        write buffer, a send error): take its ``size`` payload bytes back out of the
+        allocation's counters, so they count what reached the client's kernel or transport."""
+        allocation = self._by_relay.get(relay)
+        if allocation is not None:
+            allocation.bytes_to_client -= size
+            allocation.packets_to_client -= 1
 
     # ------------------------------------------------------------------ ending allocations
 
