@@ -36,7 +36,18 @@ LONG = os.environ.get("TURN_LONG_TESTS", "") not in ("", "0")
 
 # This file's relay ranges, apart from tests/integration/server.py's 50000-50999.
 FAULT_RELAY_PORTS = (56100, 56199)
-EXHAUSTION_WINDOWS = range(56200, 56600, 16)  # candidate 16-port ranges, the first free one used
+
+def exhaustion_windows() -> list[int]:
+    """Candidate 16-port ranges for the exhaustion test, outside the kernel's ephemeral range: a
+    client socket bound to port 0 (this test's, or any other program's) may otherwise take one of
+    the ports between the check and the allocation."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first, last = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    candidates = [low for low in range(61440, 65520, 16)] + [low for low in range(20000, 21024, 16)]
+    return [low for low in candidates if low + 15 < first or low > last]
 ROUNDS = 2000 if LONG else 300
 FLOOD_BATCHES = 200 if LONG else 40  # of 500 datagrams of 1,200 bytes each
 VANISH_LIFETIME_S = 3
@@ -366,8 +377,8 @@ def test_a_tcp_client_that_stops_reading_costs_bounded_memory_and_is_cleaned_up(
 
 
 def free_window() -> tuple[int, int]:
-    """The first 16-port range in EXHAUSTION_WINDOWS that no other program holds right now."""
-    for low in EXHAUSTION_WINDOWS:
+    """The first 16-port range of exhaustion_windows() that no other program holds right now."""
+    for low in exhaustion_windows():
         try:
             for port in range(low, low + 16):
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
