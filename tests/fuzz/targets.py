@@ -998,9 +998,10 @@ def _check_core(run: CoreRun) -> None:
     held = Counter(getattr(a, "quota_key", a.username) for a in core.allocations.values())
     if isinstance(reservations, dict):
         held.update(entry[2] for entry in reservations.values() if len(entry) > 2)
-    counts = getattr(core, "_user_counts", None)
-    if isinstance(counts, dict):
-        assert counts == dict(held), f"user counts {counts} != what is held {dict(held)}"
+    quotas = core.quotas
+    counts = {key: quotas.user_count(key) for key in held}
+    assert counts == dict(held), f"user counts {counts} != what is held {dict(held)}"
+    assert quotas.total() == sum(held.values()), (quotas.total(), dict(held))
     config = core.config
     if not run.limits_changed:
         per_user = Counter(a.username for a in core.allocations.values())

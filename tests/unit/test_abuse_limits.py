@@ -204,7 +204,7 @@ def test_using_ones_own_reservation_is_not_counted_twice() -> None:
     reply = second.allocate(1.0, RESERVATION_TOKEN=token)
     assert code(reply) == 200
     assert h.core.reservation_count == 0
-    assert h.core._user_counts == {"alice": 2}
+    assert h.core.quotas.user_count("alice") == 2 and h.core.quotas.total() == 2
 
 
 # -- bandwidth ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import errno
 import socket
 
 from turnserver.io.dispatch import UdpSink, send_to_peer
+from turnserver.io.datapath import DataPlane
 from turnserver.io.relay import RelayPortPool, UdpRelay
 from turnserver.turn.core import SendToPeer
 from turnserver.turn.stats import CoreStats
@@ -53,7 +54,7 @@ def test_send_to_peer_counts_only_failures() -> None:
 def test_a_failing_reservation_bind_releases_the_first_port() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        pool = RelayPortPool(loop, ["127.0.0.1"], (50200, 50299), lambda *a: None)
+        pool = RelayPortPool(loop, ["127.0.0.1"], (50200, 50299), DataPlane(loop, None, None))
         real_bind = pool._bind
         calls = []
 

@@ -18,7 +18,9 @@ DEFAULT_CONFIG_PATH = "/etc/turnd/turnd.toml"
 SECRETS_ENV = "TURND_SECRETS"
 # The config-file path itself may come from the environment; it is not an option of the file.
 CONFIG_ENV = "TURND_CONFIG"
-_ENV_NOT_OPTIONS = frozenset({SECRETS_ENV, CONFIG_ENV})
+# Which data path runs (turnserver/accel.py): read at import, not a configuration option.
+PURE_PYTHON_ENV = "TURND_PURE_PYTHON"
+_ENV_NOT_OPTIONS = frozenset({SECRETS_ENV, CONFIG_ENV, PURE_PYTHON_ENV})
 
 # Where an option is documented, in this order.
 SECTIONS: tuple[tuple[str, str], ...] = (

@@ -1,9 +1,8 @@
 """Relay sockets: the UDP ports allocations relay through (RFC 8656 §2.2, §7.2).
 
-Each relay is a plain non-blocking socket watched with ``loop.add_reader`` and drained in a
-bounded loop: measured here, that (or uvloop) moves several times what stdlib asyncio's
-datagram endpoints do on this path. Each datagram goes to ``on_datagram``, which the server
-sets to the data path's ``peer_datagram`` (io/dispatch.py).
+Each relay is a plain non-blocking socket handed to the data plane (io/datapath.py), which
+watches and drains it: a datagram on a bound channel of a UDP client goes straight to the
+client, any other goes to the data path's ``peer_datagram`` (io/dispatch.py).
 """
 
 from __future__ import annotations
@@ -12,14 +11,11 @@ import asyncio
 import errno
 import random
 import socket
-from typing import Callable
+from typing import Any
 
 from ..config import format_hostport
 from ..turn.allocation import Address, family_of
 
-_RECV_SIZE = 65536
-# Datagrams handled per readiness callback before yielding to other sockets.
-_DRAIN_BATCH = 64
 _BIND_ATTEMPTS = 128
 
 
@@ -52,13 +48,13 @@ class RelayPortPool:
         loop: asyncio.AbstractEventLoop,
         relay_addresses: list[str],
         port_range: tuple[int, int],
-        on_datagram: Callable[[UdpRelay, bytes, Address, float], None],
+        plane: Any,
         *,
         rng: random.Random | None = None,
     ) -> None:
         self.loop = loop
         self.port_min, self.port_max = port_range
-        self.on_datagram = on_datagram
+        self.plane = plane  # watches the relay sockets: add_relay(sock, relay), remove_relay(sock)
         self.rng = rng or random.SystemRandom()
         self._addresses: dict[int, list[str]] = {1: [], 2: []}
         for ip in relay_addresses:
@@ -127,7 +123,7 @@ class RelayPortPool:
         if sock.fileno() < 0:
             return
         try:
-            self.loop.remove_reader(sock.fileno())
+            self.plane.remove_relay(sock)
         except (ValueError, OSError):
             pass
         self._in_use[endpoint.address[0]].discard(endpoint.address[1])
@@ -153,24 +149,14 @@ class RelayPortPool:
                 return None  # taken by another program: try another port
             raise
         relay = UdpRelay(sock, (ip, port))
+        try:
+            self.plane.add_relay(sock, relay)
+        except OSError:
+            sock.close()
+            raise
         self._in_use[ip].add(port)
         self.open_count += 1
-        self.loop.add_reader(sock.fileno(), self._readable, relay)
         return relay
-
-    def _readable(self, relay: UdpRelay) -> None:
-        recvfrom = relay.sock.recvfrom
-        on_datagram = self.on_datagram
-        now = self.loop.time()
-        for _ in range(_DRAIN_BATCH):
-            try:
-                data, addr = recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # ICMP errors (port unreachable) surface here on Linux; nothing to do.
-                continue
-            on_datagram(relay, data, addr if len(addr) == 2 else (addr[0], addr[1]), now)
 
 
 def detect_relay_addresses() -> list[str]:

@@ -4,9 +4,12 @@ Everything that touches sockets, the clock or the event loop for the relay lives
 its sibling modules (dispatch.py for the per-packet data paths, relay.py for relay ports,
 stream.py for TCP/TLS). The TURN logic is in turnserver/turn and never sees a socket.
 
-Each UDP listener is drained here, up to 64 datagrams per readiness callback; every datagram
-goes to ``dispatch.client_message`` and its reply, if any, back with ``sendto``. The relay
-pool hands peer datagrams straight to ``dispatch.peer_datagram``.
+The UDP listeners and the relay sockets are watched and drained by the data plane
+(io/datapath.py: the compiled turnserver/_datapath.c, or its pure-Python twin). It carries
+ChannelData on the routes the core installed itself; every other datagram from a client comes
+to ``_client_datagram`` here, which hands it to ``dispatch.client_message`` and returns the
+reply for the data plane to send, and every other peer datagram goes to
+``dispatch.peer_datagram``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..metrics import Observability
 from ..policy import PeerPolicy
 from ..turn.allocation import Address, Allocation
 from ..turn.core import CoreConfig, TurnCore
+from .datapath import IMPLEMENTATION, CoreRoutes, DataPlane
 from .dispatch import SinkFor, UdpSink, client_message, peer_datagram
 from .interfaces import host_addresses
 from .relay import RelayPortPool, detect_relay_addresses
@@ -37,8 +41,6 @@ from .tls import TlsCertificates, certificate_names
 log = logging.getLogger("turnd")
 usage_log = logging.getLogger("turnd.usage")
 
-_RECV_SIZE = 65536
-_DRAIN_BATCH = 64
 _LISTENER_BUFFER_BYTES = 4 * 1024 * 1024
 
 
@@ -188,6 +190,9 @@ class TurnServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.core: TurnCore | None = None
         self.relays: RelayPortPool | None = None
+        # The data plane: watches the UDP listeners and relay sockets, carries bound channels.
+        self.plane: Any = None
+        self.routes: CoreRoutes | None = None
         # TCP/TLS listeners, connections and their counters; None without stream listeners.
         self.streams: StreamServer | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -235,11 +240,12 @@ class TurnServer:
         warning = fit_descriptor_limit(descriptors_needed(config, self.state.relay_addresses))
         if warning is not None:
             log.warning("%s", warning)
-        # Relay sockets are bound only by the core, built below, whose data path then takes
-        # their datagrams.
+        # The data plane's callbacks need the core, built below; nothing reaches them before
+        # the plane is started, once the listeners are bound.
+        self.plane = plane = DataPlane(loop, self._client_datagram, self._peer_datagram)
+        self.routes = CoreRoutes(plane)
         self.relays = RelayPortPool(
-            loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max),
-            lambda *_: None,
+            loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max), plane,
         )
         # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out valid.
         self._nonce_key = self.random_bytes(32)
@@ -256,8 +262,8 @@ class TurnServer:
             random_bytes=self.random_bytes,
             on_allocation_end=self._on_allocation_end,
         )
-        # Straight to the data path: no call through the server per peer datagram.
-        self.relays.on_datagram = partial(peer_datagram, self.core)
+        self.core.fast_routes = self.routes
+        plane.set_server_buckets(self.core.bandwidth_up, self.core.bandwidth_down)
         try:
             for spec in config.listen_udp:
                 host, port = parse_hostport(spec, "listen_udp")
@@ -269,11 +275,12 @@ class TurnServer:
             self.core.reconfigure(policy=self.build_policy(config))
             for lst in self.state.listeners:
                 if lst.transport == "udp" and lst.sock is not None:
-                    loop.add_reader(lst.sock.fileno(), self._udp_readable, lst.sock, lst.address,
-                                    partial(UdpSink, lst.sock))
+                    plane.add_listener(lst.sock, (lst.address, partial(UdpSink, lst.sock)))
+                    self.routes.listeners[lst.address] = lst.sock
                 log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
-            log.info("relaying on %s, ports %d-%d", ", ".join(self.state.relay_addresses),
-                     config.relay_port_min, config.relay_port_max)
+            plane.start()
+            log.info("relaying on %s, ports %d-%d (data path: %s)", ", ".join(self.state.relay_addresses),
+                     config.relay_port_min, config.relay_port_max, IMPLEMENTATION)
             await self.observability.start()
             # Once more with the metrics port bound: it is never a peer either.
             self.core.reconfigure(policy=self.build_policy(config))
@@ -317,11 +324,13 @@ class TurnServer:
     def _close_listeners(self) -> None:
         for lst in self.state.listeners:
             if lst.sock is not None:
-                if self.loop is not None:
+                if self.plane is not None and lst.sock.fileno() >= 0:
                     try:
-                        self.loop.remove_reader(lst.sock.fileno())
+                        self.plane.remove_listener(lst.sock)
                     except (ValueError, OSError):
                         pass
+                if self.routes is not None:
+                    self.routes.listeners.pop(lst.address, None)
                 lst.sock.close()
 
     def ready_info(self) -> dict[str, Any]:
@@ -341,6 +350,8 @@ class TurnServer:
         self._close_listeners()
         if self.core is not None and self.loop is not None:
             self.core.shutdown(self.loop.time())
+        if self.plane is not None:
+            self.plane.close()
         if self.streams is not None:
             self.streams.close()
             self.streams.close_connections()
@@ -414,38 +425,29 @@ class TurnServer:
 
     # ------------------------------------------------------------------ datagrams
 
-    def _udp_readable(self, sock: socket.socket, local: Address, sink_for: SinkFor) -> None:
+    def _client_datagram(self, ctx: tuple[Address, SinkFor], data: bytes, client: Address,
+                         now: float) -> bytes | None:
+        """A datagram from a UDP client that the data plane did not carry itself: the reply
+        to send back, if any. One bad packet never stops the listener."""
         core = self.core
-        assert core is not None and self.loop is not None
-        recvfrom = sock.recvfrom
-        dispatch = client_message
-        now = self.loop.time()
-        channel_first_max = core.config.channel_max >> 8
-        handled_stun = False
-        for _ in range(_DRAIN_BATCH):
-            try:
-                data, addr = recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue
-            if not data:
-                continue
-            try:
-                client = addr if len(addr) == 2 else (addr[0], addr[1])  # IPv6: drop flow/scope
-                reply = dispatch(core, data, ("udp", client, local), now, sink_for, channel_first_max)
-                if reply is not None:
-                    handled_stun = True
-                    if reply:
-                        try:
-                            sock.sendto(reply, addr)
-                        except OSError:
-                            core.stats.dropped["send_failed"] += 1
-            except Exception:  # one bad packet never stops the listener
-                core.stats.dropped["internal_error"] += 1
-                log.exception("error handling a datagram")
-        if handled_stun:
-            self._arm_timer()
+        assert core is not None
+        local, sink_for = ctx
+        try:
+            reply = client_message(core, data, ("udp", client, local), now, sink_for,
+                                   core.config.channel_max >> 8)
+        except Exception:
+            core.stats.dropped["internal_error"] += 1
+            log.exception("error handling a datagram")
+            return None
+        if reply is None:
+            return None
+        self._arm_timer()
+        return reply or None
+
+    def _peer_datagram(self, relay: Any, data: bytes, peer: Address, now: float) -> None:
+        """A peer datagram the data plane did not carry itself (no channel, a TCP or TLS
+        client, a route that does not allow it)."""
+        peer_datagram(self.core, relay, data, peer, now)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ events
 

@@ -13,6 +13,15 @@ The core never touches a socket or a clock. The I/O layer hands it:
 * ``handle_timer(now)`` when ``next_deadline()`` passes, and ``connection_closed`` when a
   stream client goes away.
 
+Media on bound channels of UDP clients need not pass through here at all: when the I/O layer
+gives the core a :class:`FastRoutes` (``fast_routes``), the core installs a route there for
+each such channel, with the earliest of the channel's, the permission's and the allocation's
+expiry, and the allocation's token buckets; it moves that expiry whenever one of them changes,
+and removes the route when the channel or the allocation goes. What the data plane carried is
+added to the allocation's counters by ``fold_route_counts`` (before a scrape) and when the
+route goes (before the usage record). Whatever a route does not fully allow still reaches
+``handle_channel_data`` and ``handle_peer_data``, which decide and count as before.
+
 Relay sockets come from a :class:`RelayPorts` the I/O layer provides; the core only keeps
 the opaque endpoints it returns. Expiry is checked where an entry is looked up
 (``expires_at > now``) and one deadline heap drives clean-up: each allocation, permission and
@@ -26,7 +35,7 @@ import heapq
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from ..addresses import canonical_ip
 from ..auth import ALGORITHM_MD5, SUPPORTED_ALGORITHMS, CredentialStore, NonceManager
@@ -59,7 +68,7 @@ from .allocation import (
     family_of,
 )
 from .errors import TurnError, error
-from .limits import SourceRateLimiter, TokenBucket
+from .limits import QuotaLedger, SourceRateLimiter, TokenBucket
 from .stats import CoreStats
 
 REQUESTED_TRANSPORT_UDP = 17
@@ -139,6 +148,31 @@ class CoreConfig:
         return LEGACY_CHANNEL_MAX if self.legacy_channel_numbers else CHANNEL_MAX
 
 
+class FastRoutes(Protocol):
+    """The I/O layer's data plane, as the core drives it (turnserver/io/datapath.py)."""
+
+    def add(self, five_tuple: FiveTuple, number: int, relay: RelayEndpoint, peer: Address,
+            expires_at: float, up: Any, down: Any) -> Any:
+        """Install a route; its handle, or None when the data plane cannot carry it."""
+        ...
+
+    def set_expiry(self, handle: Any, expires_at: float) -> None: ...
+
+    def remove(self, handle: Any) -> tuple[int, int, int, int]:
+        """Remove a route; what it carried since the last ``take_counts``: bytes and packets
+        toward the peer, bytes and packets toward the client."""
+        ...
+
+    def take_counts(self) -> list[tuple[Any, int, int, int, int]]:
+        """(handle, bytes up, packets up, bytes down, packets down) for every route that
+        carried something since the last call."""
+        ...
+
+    def take_send_failures(self) -> int:
+        """Datagrams the kernel would not take since the last call (``send_failed``)."""
+        ...
+
+
 @dataclass(slots=True)
 class SendToPeer:
     relay: RelayEndpoint
@@ -159,10 +193,10 @@ class _ChannelRoute:
 
     ``own`` is set for a peer on one of the server's own relay addresses (that address),
     reachable only while the server holds the port: checked per packet, since the port can
-    be released.
+    be released. ``fast`` is the handle of its route in the data plane, when it has one.
     """
 
-    __slots__ = ("allocation", "channel", "relay", "own")
+    __slots__ = ("allocation", "channel", "relay", "own", "fast")
 
     def __init__(self, allocation: Allocation, channel: Channel, relay: RelayEndpoint,
                  own: str | None = None) -> None:
@@ -170,6 +204,7 @@ class _ChannelRoute:
         self.channel = channel
         self.relay = relay
         self.own = own
+        self.fast: Any = None
 
 
 class TurnCore:
@@ -196,8 +231,15 @@ class TurnCore:
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._by_relay: dict[RelayEndpoint, Allocation] = {}
         self._routes: dict[tuple[FiveTuple, int], _ChannelRoute] = {}
-        # quota key (the user part of a REST username) -> allocations plus reservations
-        self._user_counts: dict[str, int] = {}
+        # The data plane's routes (see FastRoutes), by handle; none without a data plane.
+        self.fast_routes: FastRoutes | None = None
+        self._fast: dict[Any, _ChannelRoute] = {}
+        # Routes toward a peer on one of our own relay addresses, by that (address, port): the
+        # port must stay held, so they leave the data plane when it is released.
+        self._own_fast: dict[Address, list[_ChannelRoute]] = {}
+        # Allocations plus reservations, per quota key (the user part of a REST username) and
+        # in all; the I/O layer may give one shared by several processes.
+        self.quotas: Any = QuotaLedger()
         # token -> (reserved relay, expires_at, quota key of the user who reserved it)
         self._reservations: dict[bytes, tuple[RelayEndpoint, float, str]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
@@ -276,7 +318,10 @@ class TurnCore:
                 else:
                     route = self._routes.get((allocation.five_tuple, channel.number))
                     if route is not None:
-                        route.own = decision.held_check
+                        if route.own != decision.held_check:
+                            self._remove_fast(route)
+                            route.own = decision.held_check
+                            self._add_fast(route)
             permissions = allocation.permissions
             for ip in list(permissions):
                 decision = check(ip)
@@ -285,6 +330,7 @@ class TurnCore:
                     if allocation.permission_timers.pop(ip, None) is not None:
                         self._dead_timers += 1  # its heap entry no longer matches anything
                     refusals[decision.reason] += 1
+                    self._sync_fast(allocation, ip)
         self._compact_timers()
 
     # ------------------------------------------------------------------ timers
@@ -391,24 +437,14 @@ class TurnCore:
             elif kind == "reservation":
                 reservation = self._pop_reservation(obj)
                 if reservation is not None:
-                    self.relay_ports.release(reservation[0])
+                    self._release_relay(reservation[0])
 
     def _pop_reservation(self, token: bytes) -> tuple[RelayEndpoint, float, str] | None:
         """Forget a reservation and give back its quota slot; the caller then owns its relay."""
         entry = self._reservations.pop(token, None)
         if entry is not None:
-            self._uncount_user(entry[2])
+            self.quotas.release(entry[2])
         return entry
-
-    def _count_user(self, key: str) -> None:
-        self._user_counts[key] = self._user_counts.get(key, 0) + 1
-
-    def _uncount_user(self, key: str) -> None:
-        count = self._user_counts.get(key, 1) - 1
-        if count > 0:
-            self._user_counts[key] = count
-        else:
-            self._user_counts.pop(key, None)
 
     # ------------------------------------------------------------------ client STUN
 
@@ -682,16 +718,24 @@ class TurnCore:
         reserved = self._reservations.get(token) if token is not None else None
         own_reservation = 1 if reserved is not None and reserved[2] == quota_key else 0
         needed = 2 if even_port else 1  # an EVEN-PORT R request reserves a second port
-        quota = self.config.user_quota
-        if quota and self._user_counts.get(quota_key, 0) - own_reservation + needed > quota:
-            self.stats.limit_refusals["user_quota"] += 1
-            raise error(486, label="quota")  # RFC 8656 §7.2 step 10
-        limit = self.config.max_allocations
-        held = len(self.allocations) + len(self._reservations) - (1 if reserved is not None else 0)
-        if limit and held + needed > limit:
-            self.stats.limit_refusals["max_allocations"] += 1
+        refused = self.quotas.acquire(quota_key, needed, own_reservation, 1 if reserved is not None else 0,
+                                      self.config.user_quota, self.config.max_allocations)
+        if refused is not None:
+            self.stats.limit_refusals[refused] += 1
+            if refused == "user_quota":
+                raise error(486, label="quota")  # RFC 8656 §7.2 step 10
             raise error(508, label="capacity")
+        try:
+            return self._grant_allocation(msg, auth, five_tuple, now, sink, token, even_port,
+                                          requested_family, additional_family, dont_fragment,
+                                          quota_key)
+        except BaseException:
+            self.quotas.release(quota_key, needed)  # counted above, never held
+            raise
 
+    def _grant_allocation(self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float,
+                          sink: Any, token: bytes | None, even_port: Any, requested_family: Any,
+                          additional_family: Any, dont_fragment: bool, quota_key: str) -> Message:
         available = self.relay_ports.families()
         relays: list[RelayEndpoint] = []
         response_extra: list[tuple[int, Any]] = []
@@ -700,7 +744,7 @@ class TurnCore:
             entry = self._pop_reservation(token)
             if entry is None or entry[1] <= now:
                 if entry is not None:
-                    self.relay_ports.release(entry[0])
+                    self._release_relay(entry[0])
                 # RFC 8656 §7.2 step 5
                 raise error(508, "Unknown or expired RESERVATION-TOKEN", label="capacity")
             self._dead_timers += 1  # its reservation entry in the heap
@@ -721,7 +765,6 @@ class TurnCore:
             if bound[1] is not None:
                 new_token = self.random_bytes(8)
                 self._reservations[new_token] = (bound[1], now + RESERVATION_LIFETIME_S, quota_key)
-                self._count_user(quota_key)
                 self._push(now + RESERVATION_LIFETIME_S, "reservation", new_token)
             if additional_family is not None:
                 # RFC 8656 §7.2 step 9: the IPv4 allocation stands; ADDRESS-ERROR-CODE says
@@ -745,7 +788,6 @@ class TurnCore:
         self.allocations[five_tuple] = allocation
         for relay in relays:
             self._by_relay[relay] = allocation
-        self._count_user(quota_key)
         self._schedule_allocation(allocation)
         family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
         self.stats.allocations_created[(five_tuple[0], family_label)] += 1
@@ -783,6 +825,8 @@ class TurnCore:
                                         self.config.max_lifetime_s)
             allocation.expires_at = now + lifetime
             self._schedule_allocation(allocation)
+            if allocation.channels:
+                self._sync_fast(allocation)
         reply = Message(Method.REFRESH, MessageClass.SUCCESS, msg.transaction_id)
         reply.add(Attr.LIFETIME, lifetime)
         return reply
@@ -829,6 +873,8 @@ class TurnCore:
             else:
                 allocation.peers_unlisted += 1
         self._schedule_permission(allocation, ip, expires_at)
+        if allocation.channels:
+            self._sync_fast(allocation, ip)
 
     def _handle_create_permission(
         self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float
@@ -895,15 +941,20 @@ class TurnCore:
             channel = bound
             channel.expires_at = expires_at  # RFC 8656 §12.2: a rebind refreshes
         self._schedule_channel(allocation, channel)
-        # RFC 8656 §12.2: binding a channel installs or refreshes the permission too.
+        # RFC 8656 §12.2: binding a channel installs or refreshes the permission too (and
+        # with it the expiry of this channel's route, when it has one).
         self._install_permission(allocation, target[0], now)
+        if bound is None:
+            self._add_fast(self._routes[(allocation.five_tuple, number)])
         return Message(Method.CHANNEL_BIND, MessageClass.SUCCESS, msg.transaction_id)
 
     def _unbind_channel(self, allocation: Allocation, channel: Channel) -> None:
         allocation.channels.pop(channel.number, None)
         if allocation.peer_channels.get(channel.peer) is channel:
             del allocation.peer_channels[channel.peer]
-        self._routes.pop((allocation.five_tuple, channel.number), None)
+        route = self._routes.pop((allocation.five_tuple, channel.number), None)
+        if route is not None:
+            self._remove_fast(route)
         if channel.timer_at is not None:
             channel.timer_at = None
             self._dead_timers += 1
@@ -1065,6 +1116,96 @@ class TurnCore:
             allocation.bytes_to_client -= size
             allocation.packets_to_client -= 1
 
+    # ------------------------------------------------------------------ the data plane's routes
+
+    @staticmethod
+    def _route_expiry(allocation: Allocation, channel: Channel) -> float:
+        """When a route must stop carrying: the first of its channel, its permission and its
+        allocation to expire."""
+        expires_at = channel.expires_at
+        permission = allocation.permissions.get(channel.peer[0], 0.0)
+        if permission < expires_at:
+            expires_at = permission
+        return allocation.expires_at if allocation.expires_at < expires_at else expires_at
+
+    def _add_fast(self, route: _ChannelRoute) -> None:
+        routes = self.fast_routes
+        if routes is None or route.fast is not None:
+            return
+        allocation = route.allocation
+        channel = route.channel
+        handle = routes.add(allocation.five_tuple, channel.number, route.relay, channel.peer,
+                            self._route_expiry(allocation, channel), allocation.up, allocation.down)
+        if handle is not None:
+            route.fast = handle
+            self._fast[handle] = route
+            if route.own is not None:
+                self._own_fast.setdefault((route.own, channel.peer[1]), []).append(route)
+
+    def _remove_fast(self, route: _ChannelRoute) -> None:
+        handle = route.fast
+        if handle is None or self.fast_routes is None:
+            return
+        route.fast = None
+        self._fast.pop(handle, None)
+        if route.own is not None:
+            key = (route.own, route.channel.peer[1])
+            held = self._own_fast.get(key)
+            if held is not None:
+                if route in held:
+                    held.remove(route)
+                if not held:
+                    del self._own_fast[key]
+        bytes_up, packets_up, bytes_down, packets_down = self.fast_routes.remove(handle)
+        allocation = route.allocation
+        allocation.bytes_to_peer += bytes_up
+        allocation.packets_to_peer += packets_up
+        allocation.bytes_to_client += bytes_down
+        allocation.packets_to_client += packets_down
+
+    def _sync_fast(self, allocation: Allocation, ip: str | None = None) -> None:
+        """A permission (``ip``), or the allocation's lifetime (``ip`` None), changed: move the
+        expiry of the routes it bounds."""
+        routes = self.fast_routes
+        if routes is None:
+            return
+        five_tuple = allocation.five_tuple
+        for channel in allocation.channels.values():
+            if ip is not None and channel.peer[0] != ip:
+                continue
+            route = self._routes.get((five_tuple, channel.number))
+            if route is not None and route.fast is not None:
+                routes.set_expiry(route.fast, self._route_expiry(allocation, channel))
+
+    def _release_relay(self, relay: RelayEndpoint) -> None:
+        """Close a relay socket. Routes toward its port (from allocations whose peer is this
+        very relay address) leave the data plane: once the port is no longer held, the core
+        checks it per packet again (``route.own``), as it does for every route it carries."""
+        self.relay_ports.release(relay)
+        for route in self._own_fast.pop(relay.address, ()):
+            self._remove_fast(route)
+
+    def fold_route_counts(self) -> None:
+        """Add what the data plane carried since the last call to the allocations' counters,
+        and what it failed to send to ``dropped["send_failed"]`` (the metrics call it before
+        reading them)."""
+        routes = self.fast_routes
+        if routes is None:
+            return
+        failed = routes.take_send_failures()
+        if failed:
+            self.stats.dropped["send_failed"] += failed
+        fast = self._fast
+        for handle, bytes_up, packets_up, bytes_down, packets_down in routes.take_counts():
+            route = fast.get(handle)
+            if route is None:
+                continue
+            allocation = route.allocation
+            allocation.bytes_to_peer += bytes_up
+            allocation.packets_to_peer += packets_up
+            allocation.bytes_to_client += bytes_down
+            allocation.packets_to_client += packets_down
+
     # ------------------------------------------------------------------ ending allocations
 
     def connection_closed(self, five_tuple: FiveTuple, now: float) -> None:
@@ -1079,7 +1220,7 @@ class TurnCore:
         for token in list(self._reservations):
             entry = self._pop_reservation(token)
             if entry is not None:
-                self.relay_ports.release(entry[0])
+                self._release_relay(entry[0])
 
     def _end_allocation(self, allocation: Allocation, reason: str, now: float) -> None:
         if not allocation.alive:
@@ -1087,13 +1228,15 @@ class TurnCore:
         allocation.alive = False
         if self.allocations.get(allocation.five_tuple) is allocation:
             del self.allocations[allocation.five_tuple]
+        for number in list(allocation.channels):
+            route = self._routes.pop((allocation.five_tuple, number), None)
+            if route is not None:
+                self._remove_fast(route)  # before its relay socket closes; folds its counts
         for relay in allocation.relays:
             if self._by_relay.get(relay) is allocation:
                 del self._by_relay[relay]
-            self.relay_ports.release(relay)
-        for number in list(allocation.channels):
-            self._routes.pop((allocation.five_tuple, number), None)
-        self._uncount_user(allocation.quota_key)
+            self._release_relay(relay)
+        self.quotas.release(allocation.quota_key)
         transport = allocation.five_tuple[0]
         up = self.stats.ended_traffic[("client_to_peer", transport)]
         up[0] += allocation.bytes_to_peer

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from ..accel import native
+
 INFINITY = math.inf
 
 
@@ -45,15 +47,70 @@ class TokenBucket:
         """Called when taking ``size`` made the credit negative: add what accrued since the
         last refill. True when the packet fits after all; otherwise the credit is given back
         and the caller drops the packet."""
-        credit = self.credit + size + (now - self.stamp) * self.rate
+        elapsed = now - self.stamp
+        # Two clocks a few milliseconds apart (the loop's and the data plane's): never take
+        # credit back for a negative interval.
+        credit = self.credit + size + (elapsed * self.rate if elapsed > 0 else 0.0)
         if credit > self.burst:
             credit = self.burst
-        self.stamp = now
+        if now > self.stamp:
+            self.stamp = now
         if credit >= size:
             self.credit = credit - size
             return True
         self.credit = credit
         return False
+
+
+class QuotaLedger:
+    """What ``user_quota`` and ``max_allocations`` count in one process: allocations plus
+    EVEN-PORT reservations, per quota key (the user part of a REST username) and in all.
+
+    A check and its count are one step (``acquire``), so a ledger shared by several processes
+    (turnserver/io/shared.py, same interface) can make them atomic.
+    """
+
+    __slots__ = ("_users", "_total")
+
+    def __init__(self) -> None:
+        self._users: dict[str, int] = {}
+        self._total = 0
+
+    def acquire(self, key: str, needed: int, credit_user: int, credit_total: int,
+                user_quota: int, max_total: int) -> str | None:
+        """Count ``needed`` more for ``key`` when both limits allow it (``credit_*``: held
+        now but about to be handed over, so not counted twice); otherwise the limit that
+        refuses, "user_quota" or "max_allocations", and nothing is counted."""
+        user = self._users.get(key, 0)
+        if user_quota and user - credit_user + needed > user_quota:
+            return "user_quota"
+        if max_total and self._total - credit_total + needed > max_total:
+            return "max_allocations"
+        self._users[key] = user + needed
+        self._total += needed
+        return None
+
+    def release(self, key: str, count: int = 1) -> None:
+        user = self._users.get(key, 0)
+        if user <= count:
+            self._users.pop(key, None)
+            count = user
+        else:
+            self._users[key] = user - count
+        self._total -= count
+
+    def user_count(self, key: str) -> int:
+        return self._users.get(key, 0)
+
+    def total(self) -> int:
+        return self._total
+
+
+PyTokenBucket = TokenBucket
+if native is not None:
+    # The same bucket in C, so the compiled data path (turnserver/_datapath.c) and this core
+    # draw on one allocation's credit.
+    TokenBucket = native.TokenBucket  # type: ignore[misc,assignment]
 
 
 class SourceRateLimiter:
