@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from turnserver.config import toml_literal
 from turnserver.stun import MessageClass, Method, Message, decode_message, encode_message
@@ -33,10 +33,15 @@ REALM = "bench.turnd"
 # the load generator's own sockets, and away from the integration tests' 50000-50999.
 TURND_RELAY_PORTS = (21000, 23999)
 COTURN_RELAY_PORTS = (24000, 26999)
+# When a second turnd ("turnd-pure") is measured too, the two split turnd's range, so that they
+# can run at the same time (--quick) without taking each other's ports.
+TURND_SPLIT_RELAY_PORTS = {"turnd": (21000, 22499), "turnd-pure": (22500, 23999)}
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
 SERVER_NAMES = ("turnd", "coturn")
+# turnd variants that can be measured beside the default one: name -> environment.
+TURND_VARIANTS: dict[str, dict[str, str]] = {"turnd-pure": {"TURND_PURE_PYTHON": "1"}}
 
 
 def coturn_available() -> bool:
@@ -44,11 +49,32 @@ def coturn_available() -> bool:
     return shutil.which("turnserver") is not None and shutil.which("turnutils_uclient") is not None
 
 
-def pinned(command: list[str], cpu: int | None) -> list[str]:
-    """Prefix ``taskset`` so the process (and every thread it starts) runs on one core only."""
+def pinned(command: list[str], cpu: int | Sequence[int] | None) -> list[str]:
+    """Prefix ``taskset`` so the process (and every thread it starts) runs on that core only, or
+    on those cores when given several."""
     if cpu is None or shutil.which("taskset") is None:
         return command
-    return ["taskset", "-c", str(cpu), *command]
+    cpus = [cpu] if isinstance(cpu, int) else list(cpu)
+    if not cpus:
+        return command
+    return ["taskset", "-c", ",".join(str(c) for c in cpus), *command]
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``"0"``, ``"0-3"``, ``"0,2,4-5"`` -> sorted CPU numbers; ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        first, last = int(low), int(high) if sep else int(low)
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError("empty CPU list")
+    return sorted(cpus)
 
 
 def free_port() -> int:
@@ -104,6 +130,10 @@ class ServerUnderTest:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def is_turnd(self) -> bool:
+        return self.name == "turnd" or self.name in TURND_VARIANTS
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -111,19 +141,39 @@ class ServerUnderTest:
         return procfs.rss_kib(self.pid)
 
     def cpu_seconds(self) -> float:
-        return procfs.cpu_seconds(self.pid)
+        """CPU time of the server and of every process it started (worker processes)."""
+        return sum(procfs.cpu_seconds(pid) for pid in process_tree(self.pid))
 
     def stop(self) -> int:
         """Stop the process this module started, by its PID; SIGKILL if it lingers."""
         if self.alive():
             # turnd stops at once on SIGINT (SIGTERM may drain allocations for minutes);
             # coturn stops on either.
-            self.proc.send_signal(signal.SIGINT if self.name == "turnd" else signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT if self.is_turnd else signal.SIGTERM)
             try:
                 return self.proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def process_tree(pid: int, limit: int = 256) -> list[int]:
+    """``pid`` and its descendants, from /proc/<pid>/task/*/children (bounded)."""
+    out, todo = [], [pid]
+    while todo and len(out) < limit:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as handle:
+                    todo.extend(int(child) for child in handle.read().split())
+            except (OSError, ValueError):
+                continue
+    return out
 
 
 def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str,
@@ -147,12 +197,16 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
+def start_turnd(workdir: Path, *, cpu: int | Sequence[int] | None, tcp: bool = True,
                 relay_ports: tuple[int, int] = TURND_RELAY_PORTS,
-                extra_options: dict[str, object] | None = None) -> ServerUnderTest:
+                extra_options: dict[str, object] | None = None,
+                env_extra: dict[str, str] | None = None, workers: int | None = None,
+                name: str = "turnd") -> ServerUnderTest:
     """``python -m turnserver serve`` from this working tree, UDP (and TCP) on port 0.
 
-    ``extra_options`` are added to (or replace) the configuration below.
+    ``extra_options`` are added to (or replace) the configuration below. ``workers``, when
+    given, becomes ``workers = N`` in the configuration (absent otherwise, so a turnd without
+    that option still starts). ``env_extra`` is added to the server's environment.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     secrets = workdir / "secrets"
@@ -179,6 +233,7 @@ def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
         # The bandwidth check stays on the relay path, at a cap no benchmark reaches, so that
         # its cost is inside every relay number (benchmarks/bandwidth_check.py measures it).
         "allocation_bandwidth_bytes_s": 10**10,
+        **({"workers": workers} if workers is not None else {}),
         **(extra_options or {}),
     }
     config = workdir / "turnd.toml"
@@ -188,6 +243,7 @@ def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
     log_path = workdir / "turnd.log"
     env = dict(os.environ)
     env.pop("TURND_SECRETS", None)
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = pinned([sys.executable, "-m", "turnserver", "serve", "--config", str(config),
                       "--ready-file", str(ready)], cpu)
@@ -198,14 +254,16 @@ def start_turnd(workdir: Path, *, cpu: int | None, tcp: bool = True,
     info = json.loads(ready.read_text())
     ports = {lst["transport"]: int(lst["port"]) for lst in info["listeners"]
              if lst["transport"] in ("udp", "tcp")}
-    server = ServerUnderTest("turnd", proc, ports, workdir, log_path, command)
+    server = ServerUnderTest(name, proc, ports, workdir, log_path, command)
     _wait_until(lambda: stun_binding_ok(ports["udp"]), proc, "turnd", log_path)
     return server
 
 
-def start_coturn(workdir: Path, *, cpu: int | None,
-                 relay_ports: tuple[int, int] = COTURN_RELAY_PORTS) -> ServerUnderTest:
-    """coturn's ``turnserver`` with no config file, UDP and TCP on one fixed port."""
+def start_coturn(workdir: Path, *, cpu: int | Sequence[int] | None,
+                 relay_ports: tuple[int, int] = COTURN_RELAY_PORTS,
+                 relay_threads: int | None = None) -> ServerUnderTest:
+    """coturn's ``turnserver`` with no config file, UDP and TCP on one fixed port;
+    ``--relay-threads N`` when ``relay_threads`` is given (coturn's default otherwise)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "coturn.log"
     last_error: Exception | None = None
@@ -219,6 +277,7 @@ def start_coturn(workdir: Path, *, cpu: int | None,
             "--use-auth-secret", f"--static-auth-secret={SECRET}", f"--realm={REALM}",
             "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
             f"--log-file={log_path}", "--simple-log", f"--pidfile={workdir / 'coturn.pid'}",
+            *([f"--relay-threads={relay_threads}"] if relay_threads is not None else []),
         ], cpu)
         with open(workdir / "coturn.out", "wb") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -235,11 +294,21 @@ def start_coturn(workdir: Path, *, cpu: int | None,
     raise RuntimeError(f"coturn did not start: {last_error}")
 
 
-def start(name: str, workdir: Path, *, cpu: int | None) -> ServerUnderTest:
-    if name == "turnd":
-        return start_turnd(workdir, cpu=cpu)
+def start(name: str, workdir: Path, *, cpu: int | Sequence[int] | None, workers: int | None = None,
+          turnd_env: dict[str, str] | None = None, extra_options: dict[str, object] | None = None,
+          relay_ports: tuple[int, int] | None = None) -> ServerUnderTest:
+    """Start ``name``: "turnd", a variant of it (:data:`TURND_VARIANTS`) or "coturn".
+
+    ``workers`` is turnd's ``workers`` option and coturn's ``--relay-threads``; ``turnd_env``
+    and ``extra_options`` (configuration) apply to turnd and its variants only.
+    """
+    if name == "turnd" or name in TURND_VARIANTS:
+        env = {**(turnd_env or {}), **TURND_VARIANTS.get(name, {})}
+        return start_turnd(workdir, cpu=cpu, workers=workers, env_extra=env, extra_options=extra_options,
+                           relay_ports=relay_ports or TURND_RELAY_PORTS, name=name)
     if name == "coturn":
-        return start_coturn(workdir, cpu=cpu)
+        return start_coturn(workdir, cpu=cpu, relay_threads=workers,
+                            relay_ports=relay_ports or COTURN_RELAY_PORTS)
     raise ValueError(f"unknown server {name!r}")
 
 

@@ -29,4 +29,10 @@ if ((${#need[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+# The compiled data path must have been built (gcc and the Python headers): the suite runs
+# once against it and once against its pure-Python twin.
+python3 -c "import turnserver._datapath" || {
+  echo "turnserver._datapath was not built: install gcc and the Python headers" >&2; exit 1; }
+python3 -m pytest -q -p no:cacheprovider "$@"
+echo "--- again with the pure-Python data path (TURND_PURE_PYTHON=1)"
+TURND_PURE_PYTHON=1 exec python3 -m pytest -q -p no:cacheprovider "$@"

@@ -164,11 +164,33 @@ class BurstLimit(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """(Re)configure the root logger; called at start-up and on reload."""
+# The worker process id put on every record of a worker (``worker=N``); None in a single
+# process and in the parent.
+_worker: int | None = None
+
+
+class WorkerTag(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None,
+                  *, worker: int | None = None) -> None:
+    """(Re)configure the root logger; called at start-up and on reload. ``worker`` tags every
+    record of a worker process (kept across later calls)."""
+    global _worker
+    if worker is not None:
+        _worker = worker
     root = logging.getLogger()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if _worker is not None:
+        handler.addFilter(WorkerTag(_worker))
     handler.addFilter(BurstLimit())
     for old in list(root.handlers):
         root.removeHandler(old)

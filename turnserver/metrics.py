@@ -359,6 +359,7 @@ class Observability:
         snapshot_source: SnapshotSource | None = None,
         metrics_listen: str | None = None,
         trouble_interval_s: float = DEFAULT_TROUBLE_INTERVAL_S,
+        refresh: Any = None,
     ) -> None:
         if snapshot_source is None:
             if server is None:
@@ -368,6 +369,7 @@ class Observability:
         self.snapshot_source = snapshot_source
         self.metrics_listen = metrics_listen
         self.trouble_interval_s = trouble_interval_s
+        self.refresh = refresh  # awaited before each scrape, when given
         self.registry = build_registry(snapshot_source)
         self.endpoint: MetricsEndpoint | None = None
         self.serving = False
@@ -407,7 +409,7 @@ class Observability:
         if spec is None:
             spec = getattr(getattr(self.server, "config", None), "metrics_listen", "")
         if spec:
-            self.endpoint = await start_endpoint(spec, self.registry, self.health)
+            self.endpoint = await start_endpoint(spec, self.registry, self.health, self.refresh)
         self._trouble = TroubleReporter(self._trouble_stats)
         self._trouble_task = asyncio.get_running_loop().create_task(self._trouble_loop())
         self.serving = True

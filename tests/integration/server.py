@@ -78,6 +78,8 @@ def base_options() -> dict[str, Any]:
         "metrics_listen": "",
         "realm": "test.turnd",
         "log_level": "info",
+        # One process unless a test asks for workers (tests/integration/test_workers.py).
+        "workers": 1,
     }
 
 

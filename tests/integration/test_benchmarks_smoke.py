@@ -4,7 +4,9 @@ coturn, drives both, and writes JSON with every scenario measured on both server
 Nothing here asserts a timing or a ratio: quick sizes measure nothing, and a shared machine is
 noisy. What is checked is that the harness produced numbers, that traffic really crossed both
 servers, and that the reported ratios are the arithmetic of the reported medians. The parsing
-of turnutils_uclient's output and the plateau choice are checked on canned input.
+of turnutils_uclient's output and the plateau choice are checked on canned input, and so are the
+closed-loop generator's summary (benchmarks/closedloop.py), the --cores parsing and the column
+of a second turnd.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen import Load, Sample, find_plateau, parse_final, parse_lost, parse_progress, summarize
+from benchmarks.closedloop import LoopLoad, Prepared, busy_pct, summarize as summarize_loop
 from benchmarks.loadgen import UclientRun
-from benchmarks.servers import coturn_available
+from benchmarks.results import Metric, ScenarioResult, format_table
+from benchmarks.servers import coturn_available, parse_cpu_list, pinned
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RELAY_SCENARIOS = ("udp_channel", "udp_channel_heavy", "udp_send", "tcp_channel")
-ALL_SCENARIOS = (*RELAY_SCENARIOS, "allocation_rate", "memory_per_allocation")
+CLOSED_LOOP_SCENARIOS = ("closed_loop_100", "closed_loop_1000", "closed_loop_send_100")
+RATE_SCENARIOS = ("fixed_rate", "latency_at_half_knee")
+ALL_SCENARIOS = (*RELAY_SCENARIOS, "allocation_rate", "memory_per_allocation",
+                 *CLOSED_LOOP_SCENARIOS, *RATE_SCENARIOS)
 QUICK_ALLOCATIONS = 20
 RUN_TIMEOUT_S = 180
 
@@ -91,6 +98,83 @@ def test_summary_flags_a_run_that_relayed_nothing() -> None:
     assert out["loss_pct"] == 100.0
 
 
+def _generator_output(**over: object) -> dict[str, object]:
+    gen: dict[str, object] = {
+        "round_trips_per_s": 1000.0, "sent": 5010, "received": 5000, "lost": 10, "late": 2,
+        "duplicates": 0, "send_errors": 0, "bad": 0, "generator_cpu_pct": 40.0, "generator_cpu_s": 2.0,
+        "window_s": 5.0, "error": None,
+        "latency_us": {"p50": 120.5, "p99": 900.5, "p999": 2000.5, "max": 2500.0, "mean": 150.0},
+    }
+    gen.update(over)
+    return gen
+
+
+def test_closed_loop_summary_counts_two_datagrams_per_round_trip() -> None:
+    load = LoopLoad(allocations=3, duration_s=5.0)
+    prepared = Prepared(failed=0, setup_s=0.2)
+    prepared.flows = [object()] * 3  # type: ignore[list-item]
+    raw = {"generator": _generator_output(), "server_cpu_s": 0.05, "server_window_s": 5.0,
+           "cores_busy_pct": {"0": 80.0, "1": 55.5}}
+    out = summarize_loop(raw, load, prepared, server_cpus=[0], generator_cpus=[1])
+    assert out["round_trips_per_s"] == 1000.0 and out["relayed_datagrams_per_s"] == 2000.0
+    # 0.05 s of server CPU over 2 x 5000 relayed datagrams.
+    assert out["server_cpu_us_per_datagram"] == 5.0
+    assert out["server_cpu_pct"] == 1.0
+    assert out["loss_pct"] == pytest.approx(100 * 10 / 5010, abs=1e-3)
+    assert (out["latency_p50_us"], out["latency_p99_us"], out["latency_p999_us"]) == (120.5, 900.5, 2000.5)
+    assert (out["server_core_busy_pct"], out["generator_core_busy_pct"]) == (80.0, 55.5)
+    assert out["sent_round_trips_per_s"] == 1002.0
+    assert "error" not in out
+
+
+def test_closed_loop_summary_flags_a_run_where_nothing_came_back() -> None:
+    prepared = Prepared()
+    prepared.flows = [object()]  # type: ignore[list-item]
+    raw = {"generator": _generator_output(round_trips_per_s=0.0, received=0, lost=5010,
+                                          latency_us={"p50": -1, "p99": -1, "p999": -1, "max": 0, "mean": -1})}
+    out = summarize_loop(raw, LoopLoad(allocations=1), prepared)
+    assert out["error"].startswith("nothing came back")
+    assert out["latency_p50_us"] is None and out["server_cpu_us_per_datagram"] is None
+
+
+def test_core_busy_share_is_the_busiest_of_the_cores_named() -> None:
+    before = {0: (100, 1000), 1: (500, 1000)}
+    after = {0: (190, 1100), 1: (550, 1100)}
+    assert busy_pct(before, after, [0]) == 90.0
+    assert busy_pct(before, after, [0, 1]) == 90.0
+    assert busy_pct(before, after, [1]) == 50.0
+    assert busy_pct(before, after, [7]) is None
+
+
+def test_cpu_lists_parse_as_taskset_does() -> None:
+    assert parse_cpu_list("0") == [0]
+    assert parse_cpu_list("0-3") == [0, 1, 2, 3]
+    assert parse_cpu_list("4,0-1") == [0, 1, 4]
+    for bad in ("", "3-1", "x", "-1"):
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+    if pinned(["true"], [0, 2]) != ["true"]:  # taskset is installed
+        assert pinned(["true"], [0, 2])[:3] == ["taskset", "-c", "0,2"]
+
+
+def test_a_second_turnd_gets_its_own_column_and_ratio() -> None:
+    sc = ScenarioResult("x", "t", "rate", "u", True, [Metric("rate", "rate")])
+    sc.add("turnd", {"rate": 90.0})
+    sc.add("coturn", {"rate": 100.0})
+    sc.add("turnd-pure", {"rate": 40.0})
+    doc = sc.as_dict()
+    assert doc["ratio"]["rate"] == 0.9
+    assert doc["ratio_to_coturn"] == {"turnd-pure": {"rate": 0.4}}
+    assert doc["turnd-pure"]["median"]["rate"] == 40.0
+    header = format_table([sc]).splitlines()[0].split()
+    assert header == ["scenario", "metric", "turnd", "coturn", "turnd-pure", "turnd/coturn",
+                      "turnd-pure/coturn", "target"]
+    plain = ScenarioResult("y", "t", "rate", "u", True, [Metric("rate", "rate")])
+    plain.add("turnd", {"rate": 1.0})
+    plain.add("coturn", {"rate": 2.0})
+    assert "ratio_to_coturn" not in plain.as_dict()
+
+
 # ------------------------------------------------------------------------- the real harness
 
 
@@ -136,6 +220,22 @@ def test_quick_run_measures_every_scenario_on_both_servers(tmp_path: Path) -> No
             for run in doc["scenarios"][name][server]["runs"]:
                 # Traffic crossed the server: the client got back messages it sent.
                 assert run["sent"] > 0 and 0 < run["received"] <= run["sent"], (name, server, run)
+    for name in (*CLOSED_LOOP_SCENARIOS, *RATE_SCENARIOS):
+        for server in ("turnd", "coturn"):
+            for run in doc["scenarios"][name][server]["runs"]:
+                # Round trips came back through the server, none more than were sent, and the
+                # percentiles are in order.
+                assert run["allocations"] > 0 and run["setup_failed"] == 0, (name, server, run)
+                assert 0 < run["received"] <= run["sent"] + run["duplicates"], (name, server, run)
+                assert run["relayed_datagrams_per_s"] == pytest.approx(2 * run["round_trips_per_s"], abs=0.2)
+                assert run["latency_p50_us"] <= run["latency_p99_us"] <= run["latency_p999_us"], (name, run)
+                assert run["released"] == run["allocations"], (name, server, run)
+    half = doc["settings"]["half_knee"]
+    # The half-knee rate is half of coturn's closed-loop rate in the same run.
+    assert half["rate"] == pytest.approx(
+        doc["scenarios"]["closed_loop_100"]["coturn"]["median"]["round_trips_per_s"] / 2, abs=0.1)
+    for run in doc["scenarios"]["latency_at_half_knee"]["turnd"]["runs"]:
+        assert run["offered_round_trips_per_s"] == half["rate"]
     for server in ("turnd", "coturn"):
         rate = doc["scenarios"]["allocation_rate"][server]["runs"][0]
         assert rate["allocations"] == QUICK_ALLOCATIONS and rate["failed"] == 0, (server, rate)

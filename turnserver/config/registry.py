@@ -205,6 +205,11 @@ OPTIONS: tuple[Option, ...] = (
            "\"text\" for people and journald, \"json\" (one object per line) for log "
            "pipelines.", "observability", reload=True, choices=("text", "json")),
     # -- operations -------------------------------------------------------------------------------
+    Option("workers", "int", 0,
+           "Relay processes, each on its own SO_REUSEPORT sockets and its own slice of the relay "
+           "port range, under one parent that holds the sockets, serves /metrics and replaces a "
+           "worker that dies; 0: one per CPU the process may use; 1: a single process.",
+           "operations", reload=False, minimum=0),
     Option("software", "str", "turnd",
            "SOFTWARE attribute value in responses (RFC 8489 §14.14); \"\" omits the attribute.",
            "operations", reload=True),
@@ -270,6 +275,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     # operations
+    workers: int = 0
     software: str = "turnd"
     public_host: str | None = None
     drain_timeout_s: float = 600.0

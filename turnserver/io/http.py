@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from typing import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -43,9 +43,12 @@ class MetricsEndpoint:
         *,
         max_connections: int = 32,
         read_timeout_s: float = 5.0,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.health = health
+        # Awaited before each answer (a parent asks its workers for fresh snapshots).
+        self.refresh = refresh
         self.max_connections = max_connections
         self.read_timeout_s = read_timeout_s
         self.address: tuple[str, int] | None = None
@@ -90,6 +93,11 @@ class MetricsEndpoint:
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
                 await self._respond(writer, "GET", 400, b"bad request\n")
                 return
+            if self.refresh is not None:
+                try:
+                    await self.refresh()
+                except Exception:
+                    log.exception("refreshing the metrics failed; serving the last ones")
             method, status, body, content_type, extra = self.route(head)
             await self._respond(writer, method, status, body, content_type, extra)
         except (ConnectionError, OSError):
@@ -143,12 +151,13 @@ class MetricsEndpoint:
 
 
 async def start_endpoint(
-    spec: str, registry: CollectorRegistry, health: Callable[[], tuple[int, str]]
+    spec: str, registry: CollectorRegistry, health: Callable[[], tuple[int, str]],
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> MetricsEndpoint:
     """An endpoint serving ``registry`` and ``health``, bound to ``spec`` (``metrics_listen``'s
     "IP:PORT"). A bind error is named like the listeners' errors, with the option to change."""
     host, port = parse_hostport(spec, "metrics_listen")
-    endpoint = MetricsEndpoint(registry, health)
+    endpoint = MetricsEndpoint(registry, health, refresh=refresh)
     try:
         address = await endpoint.start(host, port)
     except OSError as exc:

@@ -51,6 +51,7 @@ class RelayPortPool:
         plane: Any,
         *,
         rng: random.Random | None = None,
+        shared_held: Any = None,
     ) -> None:
         self.loop = loop
         self.port_min, self.port_max = port_range
@@ -62,6 +63,8 @@ class RelayPortPool:
         self._in_use: dict[str, set[int]] = {ip: set() for ip in relay_addresses}
         self.open_count = 0
         self.bind_failures = 0
+        # With worker processes: which ports any worker holds (io/shared.py HeldPorts).
+        self.shared_held = shared_held
 
     # -- RelayPorts protocol -------------------------------------------------
 
@@ -72,7 +75,14 @@ class RelayPortPool:
         return hasattr(socket, "IP_MTU_DISCOVER") and hasattr(socket, "IP_PMTUDISC_DO")
 
     def holds(self, ip: str, port: int) -> bool:
-        """Whether a relay socket (an allocation's or a reservation's) is bound on ip:port now."""
+        """Whether a relay socket (an allocation's or a reservation's) is bound on ip:port now,
+        by this process or, with worker processes, by any of them."""
+        if self.shared_held is not None:
+            return self.shared_held.held(ip, port)
+        return self.holds_here(ip, port)
+
+    def holds_here(self, ip: str, port: int) -> bool:
+        """Whether this process holds ip:port (so its core hears when the port goes)."""
         used = self._in_use.get(ip)
         return used is not None and port in used
 
@@ -127,6 +137,8 @@ class RelayPortPool:
         except (ValueError, OSError):
             pass
         self._in_use[endpoint.address[0]].discard(endpoint.address[1])
+        if self.shared_held is not None:
+            self.shared_held.set(endpoint.address[0], endpoint.address[1], False)
         sock.close()
         self.open_count -= 1
 
@@ -155,6 +167,8 @@ class RelayPortPool:
             sock.close()
             raise
         self._in_use[ip].add(port)
+        if self.shared_held is not None:
+            self.shared_held.set(ip, port, True)
         self.open_count += 1
         return relay
 

@@ -103,8 +103,9 @@ class Daemon:
 
     def __init__(self, server: TurnServer, *, reload_settings: SettingsLoader | None = None,
                  notifier: SystemdNotifier | None = None, ready_file: str | None = None,
-                 generated_secret: bool = False) -> None:
+                 generated_secret: bool = False, handle_hup: bool = True) -> None:
         self.server = server
+        self.handle_hup = handle_hup  # a worker process leaves SIGHUP to its parent
         # The running secret was made at start-up because none was configured.
         self.generated_secret = generated_secret
         self.reload_settings = reload_settings
@@ -144,6 +145,8 @@ class Daemon:
             signal.SIGTERM: self.request_drain,
             signal.SIGINT: self.request_stop,
         }
+        if not self.handle_hup:
+            del handlers[signal.SIGHUP]
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
         housekeeping: asyncio.Task[None] | None = None
@@ -284,26 +287,9 @@ class Daemon:
                 # reload all the same (turn_tls_reloads_total{result="failed"}).
                 streams.tls.reloads_failed += 1
             return False
-        for problem in config_warnings(settings.config):
-            log.warning("reload: %s", problem)
         server = self.server
-        secrets, static_users = settings.secrets, settings.static_users
-        if not secrets and not static_users:
-            if self.generated_secret and not settings.credentials_configured:
-                # Still no credentials configured, as at start-up: the secret made for this
-                # run is the one clients were given, so it stays.
-                log.info("reload: no secrets and no static users configured; keeping the secret "
-                         "generated for this run")
-                secrets, static_users = server.secrets, server.static_users
-            else:
-                # The operator removed every secret and user: that is a revocation (of a leaked
-                # secret, say), never something to undo silently by keeping the old ones.
-                log.error("reload: no shared secret and no static user is configured any more: "
-                          "every credential is revoked, and new requests are refused until one "
-                          "is configured")
-        else:
-            for warning in weak_secret_warnings(secrets):
-                log.warning("reload: %s", warning)
+        secrets, static_users = reload_credentials(settings, server.secrets, server.static_users,
+                                                   self.generated_secret)
         old = server.config
         report = server.reload(settings.config, secrets, static_users)
         new = server.config
@@ -324,6 +310,32 @@ class Daemon:
 
             setup_logging(new.log_level, new.log_format)
         return True
+
+
+def reload_credentials(settings: Settings, current_secrets: list[bytes],
+                       current_users: dict[str, Any], generated_secret: bool,
+                       ) -> tuple[list[bytes], dict[str, Any]]:
+    """The credentials a reload puts in force, with its warnings logged: the new ones, or the
+    secret generated for this run when still none is configured."""
+    for problem in config_warnings(settings.config):
+        log.warning("reload: %s", problem)
+    secrets, static_users = settings.secrets, settings.static_users
+    if not secrets and not static_users:
+        if generated_secret and not settings.credentials_configured:
+            # Still no credentials configured, as at start-up: the secret made for this run
+            # is the one clients were given, so it stays.
+            log.info("reload: no secrets and no static users configured; keeping the secret "
+                     "generated for this run")
+            return list(current_secrets), dict(current_users)
+        # The operator removed every secret and user: that is a revocation (of a leaked
+        # secret, say), never something to undo silently by keeping the old ones.
+        log.error("reload: no shared secret and no static user is configured any more: "
+                  "every credential is revoked, and new requests are refused until one "
+                  "is configured")
+    else:
+        for warning in weak_secret_warnings(secrets):
+            log.warning("reload: %s", warning)
+    return secrets, static_users
 
 
 async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
@@ -352,6 +364,14 @@ async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str,
 def run_server(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],
                ready_file: str | None = None, reload_settings: SettingsLoader | None = None,
                generated_secret: bool = False, config_path: str | None = None) -> int:
+    """Serve until stopped: one process, or a parent and its workers (io/supervisor.py)."""
+    from .supervisor import resolve_workers, run_supervisor
+
+    workers = resolve_workers(config)
+    if workers > 1:
+        return run_supervisor(config, secrets=secrets, static_users=static_users, workers=workers,
+                              ready_file=ready_file, reload_settings=reload_settings,
+                              generated_secret=generated_secret, config_path=config_path)
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)

@@ -60,6 +60,21 @@ class RuntimeState:
 
 
 @dataclass
+class WorkerSetup:
+    """What a worker process gets from its parent (io/supervisor.py) instead of binding and
+    deciding alone: its inherited listening sockets, its slice of the relay port range, the
+    nonce key every worker shares, and the shared quota ledger and held-port map."""
+
+    index: int
+    listen_sockets: list[tuple[str, socket.socket]]
+    relay_port_slice: tuple[int, int]
+    nonce_key: bytes
+    quotas: Any
+    held_ports: Any
+    parent_listening: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
 class ReloadReport:
     """What a reload did: options now in force, options that wait for a restart."""
 
@@ -68,10 +83,14 @@ class ReloadReport:
     tls_reloaded: bool | None = None  # None: no TLS listener
 
 
-def bind_udp(host: str, port: int) -> socket.socket:
+def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound UDP listener; ``reuse_port``: one of a SO_REUSEPORT group (a socket per worker
+    process, the kernel choosing one by a hash of the client's address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # So that "0.0.0.0:3478" and "[::]:3478" can both be bound.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -180,8 +199,12 @@ class TurnServer:
         static_users: dict[str, str | bytes] | None = None,
         wall_clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        worker: WorkerSetup | None = None,
     ) -> None:
         self.config = config
+        # Set in a worker process (io/worker.py): inherited sockets, its relay port slice and
+        # the state it shares with the other workers.
+        self.worker = worker
         self.secrets = secrets
         self.static_users = static_users or {}
         self.wall_clock = wall_clock
@@ -205,6 +228,8 @@ class TurnServer:
     def _listening_pairs(self) -> list[tuple[str, int]]:
         """Every port the server listens on, the metrics endpoint's included: never a peer."""
         pairs = [(lst.address[0], lst.address[1]) for lst in self.state.listeners]
+        if self.worker is not None:
+            pairs += self.worker.parent_listening  # the parent's metrics endpoint
         for entry in self.observability.ready_entries():
             pairs.append((entry["host"], int(entry["port"])))
         return pairs
@@ -244,11 +269,16 @@ class TurnServer:
         # the plane is started, once the listeners are bound.
         self.plane = plane = DataPlane(loop, self._client_datagram, self._peer_datagram)
         self.routes = CoreRoutes(plane)
+        worker = self.worker
+        port_range = worker.relay_port_slice if worker is not None else (
+            config.relay_port_min, config.relay_port_max)
         self.relays = RelayPortPool(
-            loop, self.state.relay_addresses, (config.relay_port_min, config.relay_port_max), plane,
+            loop, self.state.relay_addresses, port_range, plane,
+            shared_held=worker.held_ports if worker is not None else None,
         )
-        # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out valid.
-        self._nonce_key = self.random_bytes(32)
+        # Kept so a reload that changes nonce_lifetime_s keeps every nonce already handed out
+        # valid; a worker's comes from the parent, so every worker accepts every nonce.
+        self._nonce_key = worker.nonce_key if worker is not None else self.random_bytes(32)
         # The core exists before any listener serves, so no early client finds it missing.
         self.core = TurnCore(
             config=core_config_from(config, self.state.relay_addresses),
@@ -263,13 +293,21 @@ class TurnServer:
             on_allocation_end=self._on_allocation_end,
         )
         self.core.fast_routes = self.routes
+        if worker is not None:
+            self.core.quotas = worker.quotas
         plane.set_server_buckets(self.core.bandwidth_up, self.core.bandwidth_down)
         try:
-            for spec in config.listen_udp:
-                host, port = parse_hostport(spec, "listen_udp")
-                sock = bind_udp(host, port)
-                bound = sock.getsockname()
-                self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
+            if worker is not None:
+                for transport, sock in worker.listen_sockets:
+                    if transport == "udp":
+                        bound = sock.getsockname()
+                        self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
+            else:
+                for spec in config.listen_udp:
+                    host, port = parse_hostport(spec, "listen_udp")
+                    sock = bind_udp(host, port)
+                    bound = sock.getsockname()
+                    self.state.listeners.append(Listener("udp", (bound[0], bound[1]), sock=sock))
             await self._start_streams()
             # The policy keeps peers off every listening port: rebuilt once all are bound.
             self.core.reconfigure(policy=self.build_policy(config))
@@ -280,7 +318,7 @@ class TurnServer:
                 log.info("listening %s %s", lst.transport, format_hostport(*lst.address))
             plane.start()
             log.info("relaying on %s, ports %d-%d (data path: %s)", ", ".join(self.state.relay_addresses),
-                     config.relay_port_min, config.relay_port_max, IMPLEMENTATION)
+                     port_range[0], port_range[1], IMPLEMENTATION)
             await self.observability.start()
             # Once more with the metrics port bound: it is never a peer either.
             self.core.reconfigure(policy=self.build_policy(config))
@@ -303,6 +341,12 @@ class TurnServer:
             self.loop, get_config=lambda: self.config, get_core=lambda: self.core,
             on_stun=self._arm_timer, tls=tls,
         )
+        if self.worker is not None:
+            for kind, sock in self.worker.listen_sockets:
+                if kind in ("tcp", "tls"):
+                    _, bound = await streams.serve_socket(kind, sock)
+                    self.state.listeners.append(Listener(kind, bound))
+            return
         for kind, specs in (("tcp", config.listen_tcp), ("tls", config.listen_tls)):
             for spec in specs:
                 host, port = parse_hostport(spec, f"listen_{kind}")
@@ -452,10 +496,10 @@ class TurnServer:
     # ------------------------------------------------------------------ events
 
     def _on_allocation_end(self, allocation: Allocation, reason: str, now: float) -> None:
-        usage_log.info(
-            "allocation ended",
-            extra={"usage": usage_record(allocation, reason, now)},
-        )
+        record = usage_record(allocation, reason, now)
+        if self.worker is not None:
+            record["worker"] = self.worker.index
+        usage_log.info("allocation ended", extra={"usage": record})
 
 
 def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, Any]:

@@ -159,13 +159,16 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket, the stream twin of ``server.bind_udp``."""
+def bind_tcp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound (not yet listening) TCP socket, the stream twin of ``server.bind_udp``;
+    ``reuse_port``: one of a SO_REUSEPORT group (a socket per worker process)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # A restart must not wait for TIME_WAIT connections of the previous process.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # So that "0.0.0.0:3478" and "[::]:3478" can both be bound.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -224,7 +227,14 @@ class StreamServer:
             raise ValueError(f"unknown stream listener kind {kind!r}")
         if kind == "tls" and self.tls is None:
             raise ValueError("a TLS listener needs a certificate")
-        sock = bind_tcp(host, port)
+        return await self.serve_socket(kind, bind_tcp(host, port))
+
+    async def serve_socket(self, kind: str, sock: socket.socket) -> tuple[Closable, Address]:
+        """Serve one bound TCP socket (``listen`` binds it; a worker process inherits it)."""
+        if kind not in ("tcp", "tls"):
+            raise ValueError(f"unknown stream listener kind {kind!r}")
+        if kind == "tls" and self.tls is None:
+            raise ValueError("a TLS listener needs a certificate")
         try:
             bound = sock.getsockname()
             server: Closable

@@ -1134,6 +1134,12 @@ class TurnCore:
             return
         allocation = route.allocation
         channel = route.channel
+        if route.own is not None:
+            # Only a port this process holds: its release is heard here (_release_relay). One
+            # held by another worker process stays with the per-packet check.
+            here = getattr(self.relay_ports, "holds_here", None)
+            if here is not None and not here(route.own, channel.peer[1]):
+                return
         handle = routes.add(allocation.five_tuple, channel.number, route.relay, channel.peer,
                             self._route_expiry(allocation, channel), allocation.up, allocation.down)
         if handle is not None:

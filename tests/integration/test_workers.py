@@ -1,0 +1,269 @@
+"""turnd with worker processes (io/supervisor.py, io/worker.py), as ``turnd serve`` runs it.
+
+Each test starts a parent with two workers on loopback. Which worker a client lands on is the
+kernel's choice (a hash of its address); the relayed port says which one it was, since each
+worker binds relay sockets in its own slice of the range. So the tests find client sockets of
+each worker and then show: relaying between workers through the kernel, one nonce good at
+every worker, the user quota counted over all workers, the summed metrics, a worker killed
+under load replaced on the same sockets while the other worker's call carries on, reload for
+all, and the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from turnserver.stun import Attr, Message, MessageClass, Method, encode_message
+
+from .raw_client import RawTurnClient, code
+from .server import RunningServer
+from .test_metrics import scrape
+
+WORKER_PORTS = (56700, 56763)  # two slices of 32: 56700-56731 and 56732-56763
+SLICE = 32
+PEER_IP = "127.0.0.1"
+
+
+def worker_of(port: int) -> int:
+    return (port - WORKER_PORTS[0]) // SLICE
+
+
+def options(**extra: Any) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "workers": 2, "metrics_listen": "127.0.0.1:0", "log_format": "json",
+        "relay_port_min": WORKER_PORTS[0], "relay_port_max": WORKER_PORTS[1],
+        "allowed_peers": ["127.0.0.1/32"], "user_quota": 0,
+    }
+    merged.update(extra)
+    return merged
+
+
+def scrape_now(server: RunningServer) -> Any:
+    return asyncio.run(scrape(server))
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()
+
+
+def clients_by_worker(server: RunningServer, user: str = "probe", tries: int = 40
+                      ) -> dict[int, list[RawTurnClient]]:
+    """Client sockets sorted by the worker the kernel sends them to: each one allocated once
+    (to learn it) and deleted again. At least one per worker, or the test fails."""
+    found: dict[int, list[RawTurnClient]] = {0: [], 1: []}
+    for _ in range(tries):
+        client = RawTurnClient(server.address("udp"), *server.credentials(user))
+        reply = client.allocate()
+        assert code(reply) == 200, reply
+        found[worker_of(client.relayed(reply)[1])].append(client)
+        assert code(client.request(Method.REFRESH, [(Attr.LIFETIME, 0)])) == 200
+        if all(len(v) >= 2 for v in found.values()):
+            break
+    assert all(found.values()), f"every client landed on one worker: {found}"
+    return found
+
+
+def test_two_workers_each_serve_their_own_slice_and_relay_to_each_other(server_factory) -> None:
+    server = server_factory(**options())
+    info = server.info
+    assert len(info["workers"]) == 2 and all(info["workers"]) and info["pid"] not in info["workers"]
+    by_worker = clients_by_worker(server)
+    a, b = by_worker[0][0], by_worker[1][0]
+    try:
+        ra, rb = a.relayed(a.allocate()), b.relayed(b.allocate())
+        assert worker_of(ra[1]) == 0 and worker_of(rb[1]) == 1
+        # Allocation to allocation across the two workers, through the kernel.
+        assert code(a.bind(0x4001, rb)) == 200
+        assert code(b.bind(0x4002, ra)) == 200
+        for i in range(20):
+            a.send_raw(struct.pack("!HH", 0x4001, 4) + b"a%03d" % i)
+            data = b.recv()
+            assert data == struct.pack("!HH", 0x4002, 4) + b"a%03d" % i
+            b.send_raw(struct.pack("!HH", 0x4002, 4) + b"b%03d" % i)
+            assert a.recv() == struct.pack("!HH", 0x4001, 4) + b"b%03d" % i
+        now = scrape_now(server)
+        assert now.get("turn_worker_allocations", worker="0") == 1
+        assert now.get("turn_worker_allocations", worker="1") == 1
+        assert now.get("turn_allocations", transport="udp", family="ipv4") == 2
+        assert now.get("turn_relayed_packets_total", direction="client_to_peer", transport="udp") == 40
+        assert now.get("turn_relayed_packets_total", direction="peer_to_client", transport="udp") == 40
+    finally:
+        for clients in by_worker.values():
+            for client in clients:
+                client.close()
+    server.stop()
+    usage = [json.loads(line) for line in server.log_text().splitlines()
+             if '"allocation ended"' in line]
+    assert usage and all(record["usage"]["worker"] in (0, 1) for record in usage)
+    assert {record["worker"] for record in usage} == {0, 1}  # every worker's lines are tagged
+
+
+def test_a_nonce_from_one_worker_is_good_at_the_other(server_factory) -> None:
+    server = server_factory(**options())
+    by_worker = clients_by_worker(server)
+    first, other = by_worker[0][0], by_worker[1][0]
+    try:
+        assert first.nonce is not None
+        other.nonce = first.nonce  # never challenged by worker 1
+        msg = Message(Method.ALLOCATE, MessageClass.REQUEST).add(Attr.REQUESTED_TRANSPORT, 17)
+        msg.add(Attr.USERNAME, other.username).add(Attr.REALM, other.realm).add(Attr.NONCE, first.nonce)
+        reply = other.transact_raw(encode_message(msg, key=other.key), msg.transaction_id)
+        assert reply is not None and code(reply) == 200, reply
+        assert worker_of(reply.get(Attr.XOR_RELAYED_ADDRESS)[1]) == 1
+    finally:
+        for clients in by_worker.values():
+            for client in clients:
+                client.close()
+
+
+def test_the_user_quota_counts_over_every_worker(server_factory) -> None:
+    server = server_factory(**options(user_quota=2))
+    by_worker = clients_by_worker(server)
+    assert len(by_worker[0]) >= 2 or len(by_worker[1]) >= 2
+    many, few = (0, 1) if len(by_worker[0]) >= 2 else (1, 0)
+    clients = [by_worker[many][0], by_worker[many][1], by_worker[few][0]]
+    user = server.credentials("quota-user")
+    try:
+        for client in clients:
+            client.username, client.password = user
+            client.nonce = None
+        assert code(clients[0].allocate()) == 200
+        assert code(clients[1].allocate()) == 200
+        # The third is on the other worker, which holds nothing for this user itself.
+        assert code(clients[2].allocate()) == 486
+        now = scrape_now(server)
+        assert now.get("turn_limit_refusals_total", limit="user_quota") == 1
+        assert code(clients[0].request(Method.REFRESH, [(Attr.LIFETIME, 0)])) == 200
+        assert code(clients[2].allocate()) == 200  # a slot came back, on the other worker
+    finally:
+        for group in by_worker.values():
+            for client in group:
+                client.close()
+
+
+def test_a_killed_worker_is_replaced_on_the_same_sockets_and_the_other_keeps_relaying(
+        server_factory) -> None:
+    server = server_factory(**options())
+    by_worker = clients_by_worker(server)
+    survivor, victim_client = by_worker[0][0], by_worker[1][0]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((PEER_IP, 0))
+    peer.settimeout(2.0)
+    pids = server.info["workers"]
+    try:
+        relayed = survivor.relayed(survivor.allocate())
+        assert code(survivor.bind(0x4001, peer.getsockname())) == 200
+        assert code(victim_client.allocate()) == 200
+        before = scrape_now(server)
+        created_before = before.get("turn_allocations_created_total", transport="udp", family="ipv4")
+        # A steady call on worker 0: 400 round trips, worker 1 killed a quarter of the way in.
+        lost = 0
+        killed_at = None
+        for i in range(400):
+            if i == 100:
+                os.kill(pids[1], signal.SIGKILL)
+                killed_at = time.monotonic()
+            survivor.send_raw(struct.pack("!HH", 0x4001, 6) + b"c%05d" % i)
+            try:
+                data, addr = peer.recvfrom(2048)
+            except (socket.timeout, TimeoutError):
+                lost += 1
+                continue
+            assert data == b"c%05d" % i and addr == relayed
+            peer.sendto(b"p%05d" % i, relayed)
+            if survivor.recv(2.0) != struct.pack("!HH", 0x4001, 6) + b"p%05d" % i:
+                lost += 1
+            time.sleep(0.002)
+        assert lost == 0, f"{lost} of 400 round trips lost on the surviving worker"
+        assert killed_at is not None
+        # A new worker serves on the dead one's sockets within a second: its old client is
+        # answered again (its allocation is gone: it must allocate anew).
+        def served() -> bool:
+            reply = victim_client.binding()
+            return reply is not None and reply.msg_class == MessageClass.SUCCESS
+        assert wait_until(served, 5.0)
+        assert time.monotonic() - killed_at < 3.0
+        victim_client.nonce = None
+        reply = victim_client.request(Method.REFRESH, [(Attr.LIFETIME, 600)])
+        assert code(reply) == 437  # no allocation on the new worker: what such a client sees
+        assert code(victim_client.allocate()) == 200
+        info = json.loads(Path(server.workdir / "ready.json").read_text())
+        assert info["workers"][0] == pids[0] and info["workers"][1] not in (None, pids[1])
+        after = scrape_now(server)
+        # Counters of the dead worker are kept: nothing goes backwards.
+        assert after.get("turn_allocations_created_total", transport="udp", family="ipv4") >= created_before + 1
+        assert after.get("turn_worker_allocations", worker="0") == 1
+        assert after.get("turn_worker_allocations", worker="1") == 1
+        assert "worker 1 (pid" in server.log_text() and "SIGKILL" in server.log_text()
+    finally:
+        peer.close()
+        for group in by_worker.values():
+            for client in group:
+                client.close()
+
+
+def test_reload_reaches_every_worker_or_none(server_factory) -> None:
+    server = server_factory(**options(user_quota=0))
+    by_worker = clients_by_worker(server)
+    try:
+        config = server.workdir / "turnd.toml"
+        text = config.read_text()
+        config.write_text(text.replace("user_quota = 0", "user_quota = 1"))
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload applied by 2 of 2 workers" in server.log_text(), 10.0)
+        user = server.credentials("reloaded-user")
+        for w in (0, 1):
+            for client in by_worker[w]:
+                client.username, client.password = user
+                client.nonce = None
+        assert code(by_worker[0][0].allocate()) == 200
+        assert code(by_worker[1][0].allocate()) == 486  # the new quota, over both workers
+        # A configuration with a problem is refused for all.
+        config.write_text(text.replace("user_quota = 0", "user_quota = -5"))
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused for every worker" in server.log_text(), 10.0)
+        assert code(by_worker[1][0].allocate()) == 486  # still user_quota = 1
+    finally:
+        for group in by_worker.values():
+            for client in group:
+                client.close()
+
+
+def test_sigterm_drains_every_worker_and_the_parent_exits_when_they_have(server_factory) -> None:
+    server = server_factory(**options(drain_timeout_s=30))
+    by_worker = clients_by_worker(server)
+    held = [by_worker[0][0], by_worker[1][0]]
+    try:
+        for client in held:
+            assert code(client.allocate()) == 200
+        server.signal(signal.SIGTERM)
+        assert wait_until(lambda: server.log_text().count("draining") >= 2, 5.0)
+        # New allocations are refused by both workers; the held ones keep working.
+        for w in (0, 1):
+            fresh = by_worker[w][1] if len(by_worker[w]) > 1 else None
+            if fresh is not None:
+                assert code(fresh.allocate()) == 508
+        assert code(held[0].request(Method.REFRESH, [(Attr.LIFETIME, 600)])) == 200
+        assert server.alive()
+        for client in held:
+            assert code(client.request(Method.REFRESH, [(Attr.LIFETIME, 0)])) == 200
+        assert server.proc.wait(timeout=10) == 0
+    finally:
+        for group in by_worker.values():
+            for client in group:
+                client.close()
