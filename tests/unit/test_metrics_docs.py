@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from turnserver.io.snapshot import take_snapshot
 from turnserver.metrics import build_registry
 
 from .test_metrics import FakePool, fake_server, full_streams
@@ -31,6 +32,9 @@ def exported() -> dict[str, str]:
     server = fake_server(h.core, streams=full_streams(), tls_not_after=2e9)
     server.relays = FakePool()
     text = generate_latest(build_registry(server)).decode()
+    # With worker processes, the parent adds the per-worker families.
+    workers = [take_snapshot(server, worker=0), take_snapshot(server, worker=1)]
+    text += generate_latest(build_registry(lambda: workers)).decode()
     names = {}
     for family in text_string_to_metric_families(text):
         name = family.name + "_total" if family.type == "counter" else family.name
