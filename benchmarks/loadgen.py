@@ -36,6 +36,8 @@ _LOST = re.compile(r"Total lost packets (\d+)")
 STALL_S = 2.0
 # The sessions' random start spread (1 to 6 s) plus margin, on top of connect and send time.
 START_SPREAD_S = 6.0
+# turnutils_uclient's flags for the client-to-server leg; the relay leg is UDP in every case.
+TRANSPORT_FLAGS: dict[str, list[str]] = {"udp": [], "tcp": ["-t"], "tls": ["-t", "-S"]}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Load:
     length: int
     interval_ms: int = 1
     flags: tuple[str, ...] = ("-y", "-c")  # allocation to allocation, no RTCP sessions
-    transport: str = "udp"
+    transport: str = "udp"  # client to server: "udp", "tcp" or "tls" (TLS over TCP)
 
     @property
     def offered_msgs_per_s(self) -> float:
@@ -59,7 +61,8 @@ class Load:
         return self.messages * max(self.interval_ms, 1) / 1000.0
 
     def command(self, server: ServerUnderTest) -> list[str]:
-        transport_flags = ["-t"] if self.transport == "tcp" else []
+        # -S alone would be DTLS: TLS is -t -S. uclient verifies no certificate without -E.
+        transport_flags = TRANSPORT_FLAGS[self.transport]
         return [
             "turnutils_uclient", *self.flags, *transport_flags,
             "-m", str(self.clients), "-n", str(self.messages), "-l", str(self.length),
@@ -261,6 +264,11 @@ def summarize(run: UclientRun, load: Load, *, plateau_intervals: int) -> dict[st
         # CPU per delivered message: the inverse of what one core could relay at this load.
         "server_cpu_us_per_msg": (round(1e6 * plateau.server_cpu_s / delivered, 2)
                                   if delivered and plateau.server_cpu_s > 0 else None),
+        # CPU per message the client sent. Over TLS the client counts one message per TLS
+        # record it reads, so a server that packs several messages into one record looks lossy
+        # and its CPU per delivered message too high; per sent message it does not.
+        "server_cpu_us_per_sent_msg": (round(1e6 * plateau.server_cpu_s / plateau.sent, 2)
+                                       if plateau.server_cpu_s > 0 else None),
     })
     if run.sent == 0 or run.received == 0:
         out["error"] = "nothing was relayed"

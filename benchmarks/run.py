@@ -31,6 +31,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ RELAY_METRICS = [
     Metric("server_cpu_us_per_msg", "server CPU us/msg (lower is better)"),
     Metric("server_cpu_pct", "server CPU %", ratio=False),
     Metric("generator_cpu_pct", "generator CPU %", ratio=False),
+]
+# tls_channel: turnutils_uclient counts one message per TLS record it reads (one SSL_read), so
+# messages a server packs into one record count once; CPU per message sent does not depend on it.
+TLS_RELAY_METRICS = [
+    *RELAY_METRICS,
+    Metric("server_cpu_us_per_sent_msg", "server CPU us/msg sent (lower is better)"),
 ]
 RATE_METRICS = [
     Metric("allocations_per_s", "allocations/s"),
@@ -201,6 +208,8 @@ def relay_scenarios(sizes: Sizes) -> list[RelayScenario]:
                       load(moderate, "-s")),
         RelayScenario("tcp_channel", f"TCP to the server, ChannelData, {moderate} sessions x 1000 msg/s",
                       load(moderate, transport="tcp")),
+        RelayScenario("tls_channel", f"TLS to the server, ChannelData, {moderate} sessions x 1000 msg/s",
+                      load(moderate, transport="tls")),
     ]
 
 
@@ -255,7 +264,8 @@ def new_results(sizes: Sizes, selected: set[str],
     for sc in relay_scenarios(sizes):
         if sc.name in selected:
             out[sc.name] = ScenarioResult(
-                sc.name, sc.title, "delivered_msgs_per_s", "msg/s", True, RELAY_METRICS,
+                sc.name, sc.title, "delivered_msgs_per_s", "msg/s", True,
+                TLS_RELAY_METRICS if sc.load.transport == "tls" else RELAY_METRICS,
                 Target("delivered_msgs_per_s", ">=", 0.8))
     if "allocation_rate" in selected:
         out["allocation_rate"] = ScenarioResult(
@@ -393,11 +403,24 @@ class Plan:
     turnd_env: dict[str, str] = field(default_factory=dict)
     loop_options: LoopOptions = LoopOptions()
     half_knee: dict[str, Any] = field(default_factory=dict)  # how its rate was found
+    _tls: servers.TlsFiles | None = field(default=None, repr=False)
+    _tls_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def generator_cpu(self) -> int | None:
         """One core for the single-threaded generators (turnutils_uclient)."""
         return self.generator_cpus[0] if self.generator_cpus else None
+
+    def tls_files(self) -> servers.TlsFiles:
+        """The run's self-signed certificate and key, made in the workdir on first use; every
+        server with a TLS listener in this run serves the same pair."""
+        with self._tls_lock:
+            if self._tls is None:
+                try:
+                    self._tls = servers.make_tls_files(self.workdir / "tls")
+                except (ImportError, OSError, ValueError) as exc:
+                    raise RuntimeError(f"cannot make the TLS certificate: {exc}") from exc
+            return self._tls
 
 
 def run_server_pass(plan: Plan, name: str, rep: int, results: dict[str, ScenarioResult]) -> None:
@@ -467,9 +490,13 @@ def _start(plan: Plan, name: str, subdir: str, scenarios: list[str],
     ports = None
     if len([n for n in plan.server_names if n == "turnd" or n in servers.TURND_VARIANTS]) > 1:
         ports = servers.TURND_SPLIT_RELAY_PORTS.get(name)
+    tls_names = {sc.name for sc in relay_scenarios(plan.sizes) if sc.load.transport == "tls"}
     try:
+        # A TLS listener only on a server that a TLS scenario will use.
+        tls = plan.tls_files() if tls_names & set(scenarios) else None
         return servers.start(name, plan.workdir / subdir, cpu=plan.server_cpus, workers=plan.workers,
-                             turnd_env=plan.turnd_env, extra_options=turnd_options, relay_ports=ports)
+                             turnd_env=plan.turnd_env, extra_options=turnd_options, relay_ports=ports,
+                             tls=tls)
     except RuntimeError as exc:
         plan.log(f"{name} did not start: {exc}")
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

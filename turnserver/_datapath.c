@@ -40,6 +40,7 @@
 #define RX_SLOTS 128        /* relay receive buffers that queued frames may point into */
 #define OUT_MAX 256         /* queued datagrams per listener before a flush */
 #define EVENTS_MAX 256
+#define UDP_PAYLOAD_MAX 65507 /* a bigger frame toward a client is the core's to refuse */
 
 static double
 monotonic_now(void)
@@ -303,6 +304,7 @@ typedef struct Listener {
     int out_len;
     struct Listener *next_pending;
     int pending;
+    int dead; /* removed during a run: freed when the run ends */
 } Listener;
 
 typedef struct {
@@ -317,6 +319,7 @@ typedef struct {
     int epfd;
     int inited;
     int started;
+    int running;
     uint64_t seed;
     Table up, down;
     size_t route_count;
@@ -540,7 +543,7 @@ listener_for(DataPlane *dp, int fd)
 {
     int i;
     for (i = 0; i < dp->lst_len; i++)
-        if (dp->lst[i]->fd == fd)
+        if (dp->lst[i]->fd == fd && !dp->lst[i]->dead)
             return dp->lst[i];
     return NULL;
 }
@@ -627,6 +630,8 @@ drain_listener(DataPlane *dp, Listener *l, double now)
             }
         }
         slow_client_call(dp, l, d, len, &from[i], msgs[i].msg_hdr.msg_namelen, now);
+        if (l->dead)
+            break; /* the callback removed this listener */
     }
 }
 
@@ -661,7 +666,7 @@ drain_relay(DataPlane *dp, int fd, double now)
         if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
             continue;
         if (key_from_sockaddr(&k, fd, &from[i], 0xFFFFFFFFu) == 0 && (r = find_down(dp, &k)) != NULL
-            && now < r->expires_at && len <= 0xFFFF
+            && now < r->expires_at && len + 4 <= UDP_PAYLOAD_MAX
             && buckets_take(r->down, dp->server_down, now, (double)len)) {
             Listener *l = listener_for(dp, r->listener_fd);
             if (l != NULL) {
@@ -822,6 +827,7 @@ DataPlane_run(DataPlane *self, PyObject *Py_UNUSED(ignored))
     if (n <= 0)
         Py_RETURN_NONE;
     self->wakeups++;
+    self->running = 1;
     now = monotonic_now();
     for (i = 0; i < n; i++) {
         uint64_t tag = events[i].data.u64;
@@ -829,18 +835,27 @@ DataPlane_run(DataPlane *self, PyObject *Py_UNUSED(ignored))
         if (tag & 1) {
             Listener *l = listener_for(self, fd);
             if (l != NULL) {
-                Py_INCREF(l->ctx); /* the callback may remove the listener */
-                {
-                    PyObject *ctx = l->ctx;
-                    drain_listener(self, l, now);
-                    Py_DECREF(ctx);
-                }
+                PyObject *ctx = l->ctx;
+                Py_INCREF(ctx); /* the callback may remove the listener */
+                drain_listener(self, l, now);
+                Py_DECREF(ctx);
             }
         } else {
             drain_relay(self, fd, now);
         }
     }
     flush_all(self);
+    self->running = 0;
+    for (i = 0; i < self->lst_len;) {
+        Listener *l = self->lst[i];
+        if (l->dead) {
+            Py_CLEAR(l->ctx);
+            PyMem_Free(l);
+            self->lst[i] = self->lst[--self->lst_len];
+        } else {
+            i++;
+        }
+    }
     Py_RETURN_NONE;
 }
 
@@ -942,7 +957,7 @@ DataPlane_remove_listener(DataPlane *self, PyObject *sock)
         return NULL;
     for (i = 0; i < self->lst_len; i++) {
         Listener *l = self->lst[i];
-        if (l->fd == fd) {
+        if (l->fd == fd && !l->dead) {
             /* Send what is queued for it, and take it off the pending list, before it goes. */
             if (l->pending) {
                 Listener **p = &self->pending_head;
@@ -954,9 +969,13 @@ DataPlane_remove_listener(DataPlane *self, PyObject *sock)
                     }
             }
             epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
-            Py_CLEAR(l->ctx);
-            PyMem_Free(l);
-            self->lst[i] = self->lst[--self->lst_len];
+            if (self->running) {
+                l->dead = 1; /* a drain may still be looking at it */
+            } else {
+                Py_CLEAR(l->ctx);
+                PyMem_Free(l);
+                self->lst[i] = self->lst[--self->lst_len];
+            }
             break;
         }
     }

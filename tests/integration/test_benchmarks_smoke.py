@@ -5,14 +5,17 @@ Nothing here asserts a timing or a ratio: quick sizes measure nothing, and a sha
 noisy. What is checked is that the harness produced numbers, that traffic really crossed both
 servers, and that the reported ratios are the arithmetic of the reported medians. The parsing
 of turnutils_uclient's output and the plateau choice are checked on canned input, and so are the
-closed-loop generator's summary (benchmarks/closedloop.py), the --cores parsing and the column
-of a second turnd.
+closed-loop generator's summary (benchmarks/closedloop.py), the --cores parsing, the column
+of a second turnd, uclient's transport flags and the run's TLS certificate.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import ssl
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +26,11 @@ from benchmarks.loadgen import Load, Sample, find_plateau, parse_final, parse_lo
 from benchmarks.closedloop import LoopLoad, Prepared, busy_pct, summarize as summarize_loop
 from benchmarks.loadgen import UclientRun
 from benchmarks.results import Metric, ScenarioResult, format_table
-from benchmarks.servers import coturn_available, parse_cpu_list, pinned
+from benchmarks.servers import (ServerUnderTest, coturn_available, make_tls_files, parse_cpu_list,
+                                pinned)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RELAY_SCENARIOS = ("udp_channel", "udp_channel_heavy", "udp_send", "tcp_channel")
+RELAY_SCENARIOS = ("udp_channel", "udp_channel_heavy", "udp_send", "tcp_channel", "tls_channel")
 CLOSED_LOOP_SCENARIOS = ("closed_loop_100", "closed_loop_1000", "closed_loop_send_100")
 RATE_SCENARIOS = ("fixed_rate", "latency_at_half_knee")
 ALL_SCENARIOS = (*RELAY_SCENARIOS, "allocation_rate", "memory_per_allocation",
@@ -85,6 +89,8 @@ def test_summary_reports_rate_loss_and_cpu_per_message_of_the_plateau() -> None:
     assert out["plateau_loss_pct"] == 5.0
     assert out["loss_pct"] == 4.0
     assert out["server_cpu_us_per_msg"] == 500.0
+    # The same CPU over the 2000 messages sent in the plateau (what tls_channel compares too).
+    assert out["server_cpu_us_per_sent_msg"] == 475.0
     assert out["offered_msgs_per_s"] == 2000.0
     assert "error" not in out
 
@@ -173,6 +179,35 @@ def test_a_second_turnd_gets_its_own_column_and_ratio() -> None:
     plain.add("turnd", {"rate": 1.0})
     plain.add("coturn", {"rate": 2.0})
     assert "ratio_to_coturn" not in plain.as_dict()
+
+
+def test_uclient_transport_flags_and_port_follow_the_scenario_transport() -> None:
+    server = ServerUnderTest("turnd", None, {"udp": 1001, "tcp": 1002, "tls": 1003},  # type: ignore[arg-type]
+                             Path("."), Path("."))
+    commands = {t: Load(clients=2, messages=10, length=100, transport=t).command(server)
+                for t in ("udp", "tcp", "tls")}
+    for transport, command in commands.items():
+        assert command[command.index("-p") + 1] == str(server.ports[transport])
+    assert "-t" not in commands["udp"] and "-S" not in commands["udp"]
+    assert "-t" in commands["tcp"] and "-S" not in commands["tcp"]
+    # -S without -t would be DTLS: TLS over TCP needs both.
+    assert "-t" in commands["tls"] and "-S" in commands["tls"]
+
+
+def test_run_certificate_is_self_signed_for_loopback_and_its_key_private(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    files = make_tls_files(tmp_path / "tls")
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    assert cert.issuer == cert.subject
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    # The pair matches: a server context accepts it (a mismatched key raises here).
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert, files.key)
+    # A second run gets a fresh certificate, not the same one.
+    again = make_tls_files(tmp_path / "tls")
+    assert x509.load_pem_x509_certificate(again.cert.read_bytes()).serial_number != cert.serial_number
 
 
 # ------------------------------------------------------------------------- the real harness

@@ -71,7 +71,7 @@ def test_a_stream_client_that_does_not_read_is_billed_for_what_was_written(
     assert records[0]["bytes_to_client"] == len(received) * len(payload)
 
 
-def test_a_peer_datagram_the_kernel_will_not_send_to_a_udp_client_is_counted_not_billed(
+def test_a_peer_datagram_too_big_for_a_udp_client_is_counted_not_billed(
         server_factory: Callable[..., RunningServer]) -> None:
     options: dict[str, Any] = {"log_format": "json", "metrics_listen": "127.0.0.1:0",
                                "allowed_peers": [f"{PEER_IP}/32"]}
@@ -79,11 +79,13 @@ def test_a_peer_datagram_the_kernel_will_not_send_to_a_udp_client_is_counted_not
     relayed = RelayedClient(server, "big")
     try:
         # 65,507 bytes is the most an IPv4 UDP datagram carries: the relay takes it, but with
-        # the 4-byte ChannelData header it no longer fits, and sendto refuses it (EMSGSIZE).
+        # the 4-byte ChannelData header it no longer fits in one toward the client, so the
+        # core drops it as too_big before the kernel would refuse it.
         relayed.peer.sendto(b"\x00" * 65507, relayed.relayed)
         relayed.round_trip(b"after")  # and the way back still works
         now = scrape_now(server)
-        assert now.get("turn_dropped_packets_total", reason="send_failed") == 1
+        assert now.get("turn_dropped_packets_total", reason="too_big") == 1
+        assert now.get("turn_dropped_packets_total", reason="send_failed") == 0
         assert now.get("turn_relayed_packets_total", direction="peer_to_client", transport="udp") == 1
         assert now.get("turn_relayed_bytes_total", direction="peer_to_client", transport="udp") == \
             len(b"down-after")

@@ -268,3 +268,37 @@ def test_sigterm_drains_every_worker_and_the_parent_exits_when_they_have(server_
         for group in by_worker.values():
             for client in group:
                 client.close()
+
+
+def test_only_the_parent_talks_to_systemd(tmp_path: Path) -> None:
+    """READY=1, WATCHDOG=1 and STOPPING=1 come from the parent's pid (the kernel says who sent
+    each datagram, SO_PASSCRED); the workers never see NOTIFY_SOCKET."""
+    from .server import start_server
+
+    name = f"turnd-test-{os.getpid()}-{os.urandom(4).hex()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.bind(b"\0" + name.encode())
+    server = start_server(tmp_path / "turnd", env={"NOTIFY_SOCKET": "@" + name,
+                                                   "WATCHDOG_USEC": "400000"}, **options())
+    senders: dict[str, set[int]] = {}
+    try:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and len(senders.get("WATCHDOG", ())) == 0:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (socket.timeout, TimeoutError):
+                break
+            pid = next(struct.unpack("iii", d[:12])[0] for level, kind, d in ancillary
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+            for line in data.decode().split("\n"):
+                senders.setdefault(line.split("=", 1)[0], set()).add(pid)
+        assert senders.get("READY") == {server.proc.pid}, senders
+        assert senders.get("WATCHDOG") == {server.proc.pid}, senders
+        for pid in server.info["workers"]:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"NOTIFY_SOCKET=" not in f.read()
+    finally:
+        server.stop()
+        sock.close()

@@ -55,6 +55,7 @@ class Rig:
     from_clients: list[tuple[Any, bytes, tuple[str, int]]] = field(default_factory=list)
     from_peers: list[tuple[Any, bytes, tuple[str, int]]] = field(default_factory=list)
     replies: dict[bytes, bytes] = field(default_factory=dict)
+    callback: list[Any] = field(default_factory=lambda: [None])  # replaces on_client when set
 
     def route(self, expires_in: float = 60.0, up: Any = None, down: Any = None) -> int:
         now = self.clock()
@@ -101,6 +102,8 @@ def run_with(impl: tuple[Any, Any, Any], body: Callable[[Rig], Any]) -> None:
         rig: Rig
 
         def on_client(ctx: Any, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
+            if rig.callback[0] is not None:
+                return rig.callback[0](ctx, data, addr, now)
             rig.from_clients.append((ctx, data, addr))
             return rig.replies.get(data)
 
@@ -117,7 +120,7 @@ def run_with(impl: tuple[Any, Any, Any], body: Callable[[Rig], Any]) -> None:
         finally:
             plane.close()
             plane.remove_relay(rig.relay)
-            plane.remove_listener(rig.listener)
+            plane.remove_listener(rig.listener)  # a second removal is harmless
             for sock in socks:
                 sock.close()
 
@@ -315,3 +318,30 @@ def test_buckets_share_one_arithmetic(impl) -> None:
     assert other.credit == -10.0 and other.stamp == 10.0
     unlimited = bucket_cls(0, 0.0)
     assert unlimited.credit == float("inf")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_listener_removed_by_its_own_callback_is_drained_no_further(impl) -> None:
+    async def body(rig: Rig) -> None:
+        listener = rig.listener.getsockname()
+        removed: list[bool] = []
+
+        def removing(ctx: Any, data: bytes, addr: Any, now: float) -> bytes | None:
+            rig.from_clients.append((ctx, data, addr))
+            if not removed:
+                removed.append(True)
+                rig.plane.remove_listener(rig.listener)
+            return b"reply"
+
+        rig.callback[0] = removing
+        rig.plane.close()  # not watching: all three are queued before the plane looks
+        for i in range(3):
+            rig.client.sendto(b"\x00\x01\x00\x00stun%d" % i, listener)
+        await asyncio.sleep(0.05)
+        rig.plane.start()
+        assert await rig.settle(lambda: len(rig.from_clients) >= 1)
+        await asyncio.sleep(0.1)
+        assert len(rig.from_clients) == 1
+        assert [d for d, _ in recv_all(rig.client)] == [b"reply"]
+
+    run_with(impl, body)

@@ -137,10 +137,26 @@ def test_stream_client_on_a_legacy_channel_gets_padded_channel_data() -> None:
 
 
 def test_channel_carries_the_largest_datagram() -> None:
+    """Over a stream the ChannelData length field is the only bound; toward a UDP client, the
+    frame must fit in one datagram (65,507 bytes over IPv4), so a bigger one is dropped as
+    too_big, not handed to a kernel that would refuse it."""
+    h = make_core()
+    tcp = ("tcp", CLIENT[1], CLIENT[2])
+    stream_client = Client(h, five_tuple=tcp)
+    stream_client.allocate(0.0)
+    stream_client.bind(1.0, 0x4000, PEER)
+    _, frame = h.core.handle_peer_data(h.core.allocations[tcp].relays[0], bytes(65535), PEER, 2.0)
+    assert frame[:4] == b"\x40\x00\xff\xff" and len(frame) == 4 + 65536  # padded to 4 on a stream
+
     h, client = setup()
     client.bind(1.0, 0x4000, PEER)
-    _, frame = h.core.handle_peer_data(h.core.allocations[CLIENT].relays[0], bytes(65535), PEER, 2.0)
-    assert frame[:4] == b"\x40\x00\xff\xff" and len(frame) == 4 + 65535
+    relay = h.core.allocations[CLIENT].relays[0]
+    _, frame = h.core.handle_peer_data(relay, bytes(65503), PEER, 2.0)
+    assert len(frame) == 65507
+    assert h.core.handle_peer_data(relay, bytes(65504), PEER, 2.0) is None
+    assert h.core.stats.dropped["too_big"] == 1
+    allocation = h.core.allocations[CLIENT]
+    assert allocation.bytes_to_client == 65503  # the dropped one is not counted
 
 
 def test_policy_reload_removes_permissions_and_channels_it_refuses() -> None:

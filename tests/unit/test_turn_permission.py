@@ -154,22 +154,29 @@ def test_data_indication_transaction_id_comes_from_the_injected_random_source() 
     assert decode_message(frame).transaction_id == b"\x5a" * 12
 
 
-@pytest.mark.parametrize("family, peer, fits", [
-    (1, PEER, 65516),  # 0xFFFF less XOR-PEER-ADDRESS (12) and the DATA header (4), padded
-    (2, ("2001:db8::50", 6000), 65504),  # XOR-PEER-ADDRESS is 24 bytes for IPv6
+@pytest.mark.parametrize("transport, family, peer, fits", [
+    # Over a stream: 0xFFFF less XOR-PEER-ADDRESS (12) and the DATA header (4), padded.
+    ("tcp", 1, PEER, 65516),
+    ("tcp", 2, ("2001:db8::50", 6000), 65504),  # XOR-PEER-ADDRESS is 24 bytes for IPv6
+    # Toward a UDP client over IPv4, the whole message must fit in one 65,507-byte datagram.
+    ("udp", 1, PEER, 65468),
+    ("udp", 2, ("2001:db8::50", 6000), 65456),
 ])
-def test_peer_datagram_too_big_for_a_data_indication_is_dropped(family: int, peer, fits: int) -> None:
+def test_peer_datagram_too_big_for_a_data_indication_is_dropped(transport: str, family: int, peer,
+                                                                 fits: int) -> None:
     h = make_core(ports=FakeRelayPorts(ipv4="192.0.2.1" if family == 1 else None,
                                        ipv6="2001:db8::1" if family == 2 else None))
-    client = Client(h)
+    five_tuple = (transport, CLIENT[1], CLIENT[2])
+    client = Client(h, five_tuple=five_tuple)
     client.allocate(0.0, REQUESTED_ADDRESS_FAMILY=family)
     client.permit(1.0, peer)
-    _, frame = h.core.handle_peer_data(relay_of(h), bytes(fits), peer, 2.0)
+    relay = h.core.allocations[five_tuple].relays[0]
+    _, frame = h.core.handle_peer_data(relay, bytes(fits), peer, 2.0)
     assert decode_message(frame).get(Attr.DATA) == bytes(fits)
     for size in (fits + 1, 65535):
-        assert h.core.handle_peer_data(relay_of(h), bytes(size), peer, 2.0) is None
+        assert h.core.handle_peer_data(relay, bytes(size), peer, 2.0) is None
     assert h.core.stats.dropped["too_big"] == 2
-    assert h.core.allocations[CLIENT].packets_to_client == 1
+    assert h.core.allocations[five_tuple].packets_to_client == 1
 
 
 def test_external_addresses_in_any_spelling() -> None:

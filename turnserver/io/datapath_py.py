@@ -239,6 +239,8 @@ class DataPlane:
                     sock.sendto(reply, addr)
                 except OSError:
                     stats["send_failed"] += 1
+            if fd not in self._listeners:
+                return  # the callback removed this listener
 
     def _relay_readable(self, sock: socket.socket, relay: Any) -> None:
         recvfrom = sock.recvfrom
@@ -258,7 +260,7 @@ class DataPlane:
                 addr = (addr[0], addr[1])
             route = down.get((fd, addr))
             size = len(data)
-            if (route is not None and now < route.expires_at and size <= 0xFFFF
+            if (route is not None and now < route.expires_at and size + 4 <= 65507
                     and _take(route.down, server, now, size)):
                 try:
                     route.listener.sendto(_HEADER.pack(route.number, size) + data, route.client)

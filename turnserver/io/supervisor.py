@@ -362,8 +362,8 @@ class Supervisor:
         await asyncio.gather(*(one(slot) for slot in self.slots))
 
     def allocation_count(self) -> int:
-        return sum(sum(s.allocations.values()) for s in self.keeper.snapshots()
-                   if s.allocations) if self.keeper.snapshots() else 0
+        """Allocations alive over all workers, as of the last snapshots."""
+        return sum(sum(s.allocations.values()) for s in self.keeper.snapshots())
 
     # ------------------------------------------------------------------ signals
 
@@ -537,12 +537,25 @@ class Supervisor:
         return 0
 
     async def _housekeeping(self) -> None:
+        """WATCHDOG=1 from the parent's loop, and STATUS= with the allocations of all workers."""
         watchdog_s = self.notifier.watchdog_interval_s()
         interval = 5.0 if watchdog_s is None else min(5.0, watchdog_s)
+        last = None
         while True:
             await asyncio.sleep(interval)
             if watchdog_s is not None:
                 self.notifier.watchdog()
+            try:
+                await self.refresh_snapshots()
+            except Exception:
+                continue
+            count = self.allocation_count()
+            text = f"{self.count} workers, {count} allocation{'' if count == 1 else 's'}"
+            if self.stopping == "drain":
+                text = f"draining, {count} allocation{'' if count == 1 else 's'} left"
+            if text != last:
+                last = text
+                self.notifier.status(text)
 
     async def _wait_exit(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -87,6 +87,9 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 # RFC 8489 §5: a message body is at most 0xFFFF bytes. A Data indication spends 12 (IPv4) or
 # 24 (IPv6) of them on XOR-PEER-ADDRESS and 4 on the DATA header, and DATA is padded to 4.
 _DATA_INDICATION_MAX = {1: (0xFFFF - 12 - 4) & ~3, 2: (0xFFFF - 24 - 4) & ~3}
+# The most one UDP datagram carries toward a client (IPv4, IPv6): a bigger frame the kernel
+# would refuse, so it is dropped here as too_big.
+_UDP_PAYLOAD_MAX = {1: 65507, 2: 65527}
 # RFC 8489 §14.9: UNKNOWN-ATTRIBUTES in a 420 lists at most this many types (coturn's limit).
 MAX_UNKNOWN_LISTED = 128
 # Authentication failures are logged one line each (for fail2ban and incident response), at most
@@ -1103,6 +1106,12 @@ class TurnCore:
             indication.add(Attr.XOR_PEER_ADDRESS, shown)
             indication.add(Attr.DATA, data)
             frame = encode_message(indication)
+        if allocation.five_tuple[0] == "udp" and len(frame) > _UDP_PAYLOAD_MAX[
+                family_of(allocation.five_tuple[1][0])]:
+            bucket.credit += size
+            server.credit += size
+            self.stats.dropped["too_big"] += 1
+            return None
         allocation.bytes_to_client += size
         allocation.packets_to_client += 1
         return allocation.sink, frame
