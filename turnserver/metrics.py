@@ -360,6 +360,7 @@ class Observability:
         metrics_listen: str | None = None,
         trouble_interval_s: float = DEFAULT_TROUBLE_INTERVAL_S,
         refresh: Any = None,
+        trouble: bool = True,
     ) -> None:
         if snapshot_source is None:
             if server is None:
@@ -370,6 +371,8 @@ class Observability:
         self.metrics_listen = metrics_listen
         self.trouble_interval_s = trouble_interval_s
         self.refresh = refresh  # awaited before each scrape, when given
+        # The periodic trouble summary; a parent of workers leaves it to them (each logs its own).
+        self.trouble = trouble
         self.registry = build_registry(snapshot_source)
         self.endpoint: MetricsEndpoint | None = None
         self.serving = False
@@ -410,8 +413,9 @@ class Observability:
             spec = getattr(getattr(self.server, "config", None), "metrics_listen", "")
         if spec:
             self.endpoint = await start_endpoint(spec, self.registry, self.health, self.refresh)
-        self._trouble = TroubleReporter(self._trouble_stats)
-        self._trouble_task = asyncio.get_running_loop().create_task(self._trouble_loop())
+        if self.trouble:
+            self._trouble = TroubleReporter(self._trouble_stats)
+            self._trouble_task = asyncio.get_running_loop().create_task(self._trouble_loop())
         self.serving = True
 
     async def stop(self) -> None:

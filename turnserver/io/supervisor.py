@@ -485,9 +485,10 @@ class Supervisor:
                           "workers", MIN_SLICE_PORTS, self.count)
                 self._close()
                 return 1
+        # Each worker logs its own trouble summary (tagged with its id); the parent serves the sum.
         self.observability = Observability(snapshot_source=self.snapshots,
                                            metrics_listen=self.config.metrics_listen,
-                                           refresh=self.refresh_snapshots)
+                                           refresh=self.refresh_snapshots, trouble=False)
         handlers = {signal.SIGHUP: self.request_reload, signal.SIGTERM: self.request_drain,
                     signal.SIGINT: self.request_stop}
         for sig, handler in handlers.items():
