@@ -277,6 +277,9 @@ typedef struct Route {
     double expires_at;
     Bucket *up;
     Bucket *down;
+    /* A peer on our own relay address must be on a port some worker holds: its byte in the
+     * shared held-port map (set_shared), checked per packet toward the peer; NULL: no check. */
+    const volatile unsigned char *held;
     uint64_t bytes_up, packets_up, bytes_down, packets_down; /* since the last take */
     int dirty;
 } Route;
@@ -332,6 +335,8 @@ typedef struct {
     uint32_t dirty_len, dirty_cap;
     Bucket *server_up;
     Bucket *server_down;
+    Py_buffer shared; /* the held-port map shared by worker processes, when set */
+    int has_shared;
     /* receive buffers */
     unsigned char *lrx;   /* LISTENER_BATCH * RECV_SIZE */
     unsigned char *rrx;   /* RX_SLOTS * (RECV_SIZE + 4) */
@@ -614,7 +619,7 @@ drain_listener(DataPlane *dp, Listener *l, double now)
             uint32_t number = ((uint32_t)d[0] << 8) | d[1];
             size_t length = ((size_t)d[2] << 8) | d[3];
             if (key_from_sockaddr(&k, l->fd, &from[i], number) == 0 && (r = find_up(dp, &k)) != NULL
-                && now < r->expires_at && len >= 4 + length
+                && now < r->expires_at && len >= 4 + length && (r->held == NULL || *r->held)
                 && buckets_take(r->up, dp->server_up, now, (double)length)) {
                 ssize_t sent = sendto(r->relay_fd, d + 4, length, 0,
                                       (struct sockaddr *)&r->peer, r->peer_len);
@@ -807,6 +812,8 @@ DataPlane_dealloc(DataPlane *self)
         close(self->epfd);
     Py_XDECREF(self->server_up);
     Py_XDECREF(self->server_down);
+    if (self->has_shared)
+        PyBuffer_Release(&self->shared);
     Py_XDECREF(self->loop);
     Py_XDECREF(self->on_client);
     Py_XDECREF(self->on_peer);
@@ -1044,6 +1051,19 @@ DataPlane_set_server_buckets(DataPlane *self, PyObject *args)
 }
 
 static PyObject *
+DataPlane_set_shared(DataPlane *self, PyObject *map)
+{
+    if (self->has_shared) {
+        PyBuffer_Release(&self->shared);
+        self->has_shared = 0;
+    }
+    if (PyObject_GetBuffer(map, &self->shared, PyBUF_SIMPLE) < 0)
+        return NULL;
+    self->has_shared = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 DataPlane_add_route(DataPlane *self, PyObject *args)
 {
     PyObject *listener, *client, *relay, *peer, *up, *down;
@@ -1052,9 +1072,14 @@ DataPlane_add_route(DataPlane *self, PyObject *args)
     int lfd, rfd;
     Route *r;
     uint32_t slot;
-    if (!PyArg_ParseTuple(args, "OOiOOdO!O!", &listener, &client, &number, &relay, &peer,
-                          &expires_at, &BucketType, &up, &BucketType, &down))
+    Py_ssize_t held = -1;
+    if (!PyArg_ParseTuple(args, "OOiOOdO!O!|n", &listener, &client, &number, &relay, &peer,
+                          &expires_at, &BucketType, &up, &BucketType, &down, &held))
         return NULL;
+    if (held >= 0 && (!self->has_shared || held >= self->shared.len)) {
+        PyErr_SetString(PyExc_ValueError, "held offset outside the shared map");
+        return NULL;
+    }
     if ((lfd = PyObject_AsFileDescriptor(listener)) < 0 || (rfd = PyObject_AsFileDescriptor(relay)) < 0)
         return NULL;
     if (number < 0x4000 || number > 0x7FFF) {
@@ -1112,6 +1137,7 @@ DataPlane_add_route(DataPlane *self, PyObject *args)
     Py_INCREF(down);
     r->up = (Bucket *)up;
     r->down = (Bucket *)down;
+    r->held = held >= 0 ? (const unsigned char *)self->shared.buf + held : NULL;
     r->up_hash = key_hash(self, &r->up_key);
     r->down_hash = key_hash(self, &r->down_key);
     r->up_next = self->up.heads[r->up_hash & self->up.mask];
@@ -1205,6 +1231,8 @@ static PyMethodDef DataPlane_methods[] = {
     {"add_relay", (PyCFunction)DataPlane_add_relay, METH_VARARGS, NULL},
     {"remove_relay", (PyCFunction)DataPlane_remove_relay, METH_O, NULL},
     {"set_server_buckets", (PyCFunction)DataPlane_set_server_buckets, METH_VARARGS, NULL},
+    {"set_shared", (PyCFunction)DataPlane_set_shared, METH_O,
+     "The shared held-port map that routes with a held offset read."},
     {"add_route", (PyCFunction)DataPlane_add_route, METH_VARARGS, NULL},
     {"set_expiry", (PyCFunction)DataPlane_set_expiry, METH_VARARGS, NULL},
     {"remove_route", (PyCFunction)DataPlane_remove_route, METH_O, NULL},

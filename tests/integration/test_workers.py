@@ -79,7 +79,8 @@ def clients_by_worker(server: RunningServer, user: str = "probe", tries: int = 4
 
 
 def test_two_workers_each_serve_their_own_slice_and_relay_to_each_other(server_factory) -> None:
-    server = server_factory(**options())
+    # No allow CIDR: a peer on the relay address is allowed only on a port some worker holds.
+    server = server_factory(**options(allowed_peers=[]))
     info = server.info
     assert len(info["workers"]) == 2 and all(info["workers"]) and info["pid"] not in info["workers"]
     by_worker = clients_by_worker(server)
@@ -102,6 +103,22 @@ def test_two_workers_each_serve_their_own_slice_and_relay_to_each_other(server_f
         assert now.get("turn_allocations", transport="udp", family="ipv4") == 2
         assert now.get("turn_relayed_packets_total", direction="client_to_peer", transport="udp") == 40
         assert now.get("turn_relayed_packets_total", direction="peer_to_client", transport="udp") == 40
+        # B's allocation ends on worker 1 and its port is free: a program that takes it now must
+        # get nothing from A's channel on worker 0, which learns of the release through the
+        # shared held-port map, not through its own core.
+        assert code(b.request(Method.REFRESH, [(Attr.LIFETIME, 0)])) == 200
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        squatter.bind(rb)
+        squatter.settimeout(0.5)
+        try:
+            for i in range(5):
+                a.send_raw(struct.pack("!HH", 0x4001, 4) + b"x%03d" % i)
+            with pytest.raises((socket.timeout, TimeoutError)):
+                squatter.recvfrom(2048)
+        finally:
+            squatter.close()
+        dropped = scrape_now(server).get("turn_peer_policy_refusals_total", reason="own_port")
+        assert dropped >= 5
     finally:
         for clients in by_worker.values():
             for client in clients:

@@ -29,7 +29,7 @@ class RecordingRoutes:
         self.failures = 0
         self.next = 0
 
-    def add(self, five_tuple, number, relay, peer, expires_at, up, down):
+    def add(self, five_tuple, number, relay, peer, expires_at, up, down, held=None):
         if five_tuple[0] != "udp":
             return None
         self.next += 1

@@ -345,3 +345,34 @@ def test_a_listener_removed_by_its_own_callback_is_drained_no_further(impl) -> N
         assert [d for d, _ in recv_all(rig.client)] == [b"reply"]
 
     run_with(impl, body)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_route_with_a_held_flag_carries_only_while_the_port_is_held(impl) -> None:
+    """Worker processes: a peer on our own relay address, on a port another worker holds; the
+    route reads that worker's byte in the shared map per packet."""
+
+    async def body(rig: Rig) -> None:
+        listener = rig.listener.getsockname()
+        held_map = bytearray(64)
+        rig.plane.set_shared(held_map)
+        now = rig.clock()
+        handle = rig.plane.add_route(rig.listener, rig.client.getsockname(), NUMBER, rig.relay,
+                                     rig.peer.getsockname(), now + 60, rig.bucket(0, now),
+                                     rig.bucket(0, now), 17)
+        rig.client.sendto(channel_data(b"released"), listener)
+        assert await rig.settle(lambda: len(rig.from_clients) == 1)
+        assert recv_all(rig.peer) == []
+        held_map[17] = 1
+        rig.client.sendto(channel_data(b"held"), listener)
+        assert [d for d, _ in await wait_recv(rig.peer, 1)] == [b"held"]
+        held_map[17] = 0
+        rig.client.sendto(channel_data(b"released again"), listener)
+        assert await rig.settle(lambda: len(rig.from_clients) == 2)
+        assert recv_all(rig.peer) == []
+        rig.plane.remove_route(handle)
+        with pytest.raises(ValueError):  # outside the map
+            rig.plane.add_route(rig.listener, (HOST, 9), NUMBER + 1, rig.relay, (HOST, 10),
+                                now + 60, rig.bucket(0, now), rig.bucket(0, now), 64)
+
+    run_with(impl, body)

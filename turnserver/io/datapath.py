@@ -35,7 +35,7 @@ class CoreRoutes:
         self._send_failed = 0
 
     def add(self, five_tuple: FiveTuple, number: int, relay: Any, peer: Address, expires_at: float,
-            up: Any, down: Any) -> int | None:
+            up: Any, down: Any, held: int | None = None) -> int | None:
         """A route for a channel, or None when the data plane cannot carry it (a TCP or TLS
         client, a listener it does not know): the core then relays it itself."""
         if five_tuple[0] != "udp":
@@ -45,7 +45,8 @@ class CoreRoutes:
         if listener is None or sock is None:
             return None
         try:
-            return self.plane.add_route(listener, five_tuple[1], number, sock, peer, expires_at, up, down)
+            return self.plane.add_route(listener, five_tuple[1], number, sock, peer, expires_at, up,
+                                        down, -1 if held is None else held)
         except (ValueError, TypeError, OSError):
             return None
 

@@ -38,7 +38,7 @@ def monotonic() -> float:
 class _Route:
     __slots__ = ("handle", "listener", "client", "number", "relay", "peer", "expires_at", "up",
                  "down", "bytes_up", "packets_up", "bytes_down", "packets_down", "up_key",
-                 "down_key")
+                 "down_key", "held")
 
     def __init__(self, handle: int, listener: socket.socket, client: Address, number: int,
                  relay: socket.socket, peer: Address, expires_at: float, up: Any, down: Any) -> None:
@@ -54,6 +54,7 @@ class _Route:
         self.bytes_up = self.packets_up = self.bytes_down = self.packets_down = 0
         self.up_key = (listener.fileno(), client, number)
         self.down_key = (relay.fileno(), peer)
+        self.held = -1  # offset of the peer port's byte in the shared held-port map, or -1
 
 
 def _take(own: Any, server: Any, now: float, size: int) -> bool:
@@ -87,6 +88,7 @@ class DataPlane:
         self._started = False
         self.server_up: Any = None
         self.server_down: Any = None
+        self.shared: Any = None  # the held-port map of worker processes (set_shared)
         self._stats = dict.fromkeys(("fast_client_to_peer", "fast_peer_to_client", "slow_from_client",
                                      "slow_from_peer", "send_failed", "wakeups"), 0)
 
@@ -146,14 +148,19 @@ class DataPlane:
 
     # -- routes -------------------------------------------------------------------------
 
+    def set_shared(self, held_map: Any) -> None:
+        self.shared = held_map
+
     def set_server_buckets(self, up: Any, down: Any) -> None:
         self.server_up = up
         self.server_down = down
 
     def add_route(self, listener: socket.socket, client: Address, number: int, relay: socket.socket,
-                  peer: Address, expires_at: float, up: Any, down: Any) -> int:
+                  peer: Address, expires_at: float, up: Any, down: Any, held: int = -1) -> int:
         if not 0x4000 <= number <= 0x7FFF:
             raise ValueError("channel number out of range")
+        if held >= 0 and (self.shared is None or held >= len(self.shared)):
+            raise ValueError("held offset outside the shared map")
         for ip, port in (client, peer):
             try:
                 socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
@@ -166,6 +173,7 @@ class DataPlane:
                        (peer[0], int(peer[1])), float(expires_at), up, down)
         if route.up_key in self._up or route.down_key in self._down:
             raise ValueError("a route with that key exists")
+        route.held = held
         self._up[route.up_key] = route
         self._down[route.down_key] = route
         self._routes[route.handle] = route
@@ -219,7 +227,8 @@ class DataPlane:
             first = data[0]
             if 0x40 <= first < 0x80 and len(data) >= 4:
                 route = up.get((fd, addr, (first << 8) | data[1]))
-                if route is not None and now < route.expires_at:
+                if route is not None and now < route.expires_at and (
+                        route.held < 0 or self.shared[route.held]):
                     length = (data[2] << 8) | data[3]
                     if len(data) >= 4 + length and _take(route.up, server, now, length):
                         try:

@@ -81,6 +81,14 @@ class RelayPortPool:
             return self.shared_held.held(ip, port)
         return self.holds_here(ip, port)
 
+    def held_offset(self, ip: str, port: int) -> int | None:
+        """Where the shared held-port map keeps ip:port (worker processes), for the data plane
+        to read per packet; None without one."""
+        if self.shared_held is None:
+            return None
+        offset = self.shared_held.offset(ip, port)
+        return offset if offset >= 0 else None
+
     def holds_here(self, ip: str, port: int) -> bool:
         """Whether this process holds ip:port (so its core hears when the port goes)."""
         used = self._in_use.get(ip)

@@ -295,6 +295,7 @@ class TurnServer:
         self.core.fast_routes = self.routes
         if worker is not None:
             self.core.quotas = worker.quotas
+            plane.set_shared(worker.held_ports.memory.map)
         plane.set_server_buckets(self.core.bandwidth_up, self.core.bandwidth_down)
         try:
             if worker is not None:

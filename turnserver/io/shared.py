@@ -219,6 +219,10 @@ class HeldPorts:
         self.memory = memory
         self.index = {ip: i for i, ip in enumerate(addresses)}
 
+    def offset(self, ip: str, port: int) -> int:
+        """The byte of ip:port in the shared file (-1: not a relay address or port)."""
+        return self._offset(ip, port)
+
     def _offset(self, ip: str, port: int) -> int:
         i = self.index.get(ip)
         if i is None or not 0 <= port < PORTS_PER_ADDRESS:

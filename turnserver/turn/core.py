@@ -155,8 +155,10 @@ class FastRoutes(Protocol):
     """The I/O layer's data plane, as the core drives it (turnserver/io/datapath.py)."""
 
     def add(self, five_tuple: FiveTuple, number: int, relay: RelayEndpoint, peer: Address,
-            expires_at: float, up: Any, down: Any) -> Any:
-        """Install a route; its handle, or None when the data plane cannot carry it."""
+            expires_at: float, up: Any, down: Any, held: Any = None) -> Any:
+        """Install a route; its handle, or None when the data plane cannot carry it. ``held``
+        (from ``RelayPorts.held_offset``): where the data plane reads, per packet, whether the
+        peer's port on our own relay address is still held."""
         ...
 
     def set_expiry(self, handle: Any, expires_at: float) -> None: ...
@@ -1143,14 +1145,19 @@ class TurnCore:
             return
         allocation = route.allocation
         channel = route.channel
+        held = None
         if route.own is not None:
-            # Only a port this process holds: its release is heard here (_release_relay). One
-            # held by another worker process stays with the per-packet check.
+            # With worker processes, the data plane reads the shared held-port map per packet.
+            # Otherwise only a port this process holds: its release is heard here
+            # (_release_relay); one held by another process stays with the core's check.
+            offset = getattr(self.relay_ports, "held_offset", None)
+            held = offset(route.own, channel.peer[1]) if offset is not None else None
             here = getattr(self.relay_ports, "holds_here", None)
-            if here is not None and not here(route.own, channel.peer[1]):
+            if held is None and here is not None and not here(route.own, channel.peer[1]):
                 return
         handle = routes.add(allocation.five_tuple, channel.number, route.relay, channel.peer,
-                            self._route_expiry(allocation, channel), allocation.up, allocation.down)
+                            self._route_expiry(allocation, channel), allocation.up, allocation.down,
+                            held)
         if handle is not None:
             route.fast = handle
             self._fast[handle] = route
