@@ -912,6 +912,16 @@ DataPlane_close(DataPlane *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Drop fd's entry from one of the fd -> object dicts; none there is fine. */
+static void
+forget_fd(PyObject *dict, int fd)
+{
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL || PyDict_DelItem(dict, key) < 0)
+        PyErr_Clear();
+    Py_XDECREF(key);
+}
+
 static PyObject *
 DataPlane_add_listener(DataPlane *self, PyObject *args)
 {
@@ -959,7 +969,6 @@ static PyObject *
 DataPlane_remove_listener(DataPlane *self, PyObject *sock)
 {
     int fd, i;
-    PyObject *key;
     if ((fd = PyObject_AsFileDescriptor(sock)) < 0)
         return NULL;
     for (i = 0; i < self->lst_len; i++) {
@@ -986,12 +995,7 @@ DataPlane_remove_listener(DataPlane *self, PyObject *sock)
             break;
         }
     }
-    key = PyLong_FromLong(fd);
-    if (key != NULL) {
-        if (PyDict_DelItem(self->listeners, key) < 0)
-            PyErr_Clear();
-        Py_DECREF(key);
-    }
+    forget_fd(self->listeners, fd);
     Py_RETURN_NONE;
 }
 
@@ -1023,17 +1027,11 @@ DataPlane_add_relay(DataPlane *self, PyObject *args)
 static PyObject *
 DataPlane_remove_relay(DataPlane *self, PyObject *sock)
 {
-    PyObject *key;
     int fd;
     if ((fd = PyObject_AsFileDescriptor(sock)) < 0)
         return NULL;
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
-    key = PyLong_FromLong(fd);
-    if (key != NULL) {
-        if (PyDict_DelItem(self->relays, key) < 0)
-            PyErr_Clear();
-        Py_DECREF(key);
-    }
+    forget_fd(self->relays, fd);
     Py_RETURN_NONE;
 }
 

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -28,6 +28,7 @@ from turnserver.stun import Attr, Message, MessageClass, Method, encode_message
 from .raw_client import RawTurnClient, code
 from .server import RunningServer
 from .test_metrics import scrape
+from .test_soak import wait_until
 
 WORKER_PORTS = (56700, 56763)  # two slices of 32: 56700-56731 and 56732-56763
 SLICE = 32
@@ -50,15 +51,6 @@ def options(**extra: Any) -> dict[str, Any]:
 
 def scrape_now(server: RunningServer) -> Any:
     return asyncio.run(scrape(server))
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
 
 
 def clients_by_worker(server: RunningServer, user: str = "probe", tries: int = 40

@@ -98,9 +98,14 @@ def users_from_json(data: dict[str, list[str]]) -> dict[str, str | bytes]:
     return {name: (bytes.fromhex(v) if kind == "b" else v) for name, (kind, v) in data.items()}
 
 
+def encode_line(message: dict[str, Any]) -> bytes:
+    """One control message as its line."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
     """One message, blocking (small, on a local socketpair)."""
-    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    sock.sendall(encode_line(message))
 
 
 class Channel:
@@ -146,7 +151,7 @@ class Channel:
     def post(self, message: dict[str, Any]) -> None:
         if self.writer is not None and not self.closed.is_set():
             try:
-                self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+                self.writer.write(encode_line(message))
             except (ConnectionError, OSError, RuntimeError):
                 pass
 

@@ -31,7 +31,7 @@ from .run import Daemon, new_event_loop
 from .server import TurnServer, WorkerSetup
 from .shared import HeldPorts, SharedLedger, SharedMemory
 from .snapshot import take_snapshot
-from .supervisor import config_from_json, users_from_json
+from .supervisor import config_from_json, encode_line, users_from_json
 
 log = logging.getLogger("turnd")
 
@@ -49,7 +49,7 @@ class WorkerDaemon(Daemon):
     def post(self, message: dict[str, Any]) -> None:
         if self.writer is not None:
             try:
-                self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+                self.writer.write(encode_line(message))
             except (ConnectionError, OSError, RuntimeError):
                 pass
 
