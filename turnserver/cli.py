@@ -307,6 +307,10 @@ def _register_optional_commands() -> None:
 
     main.add_command(probe)
 
+    from .admin_cli import admin
+
+    main.add_command(admin)
+
 
 _register_optional_commands()
 

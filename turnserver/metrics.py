@@ -45,7 +45,7 @@ TRANSPORTS = ("udp", "tcp", "tls")
 FAMILIES = ("ipv4", "ipv6", "dual")
 DIRECTIONS = ("client_to_peer", "peer_to_client")
 REFUSAL_REASONS = ("auth", "quota", "capacity", "family", "draining", "bad_request", "mismatch")
-END_REASONS = ("expired", "deleted", "connection_closed", "shutdown")
+END_REASONS = ("expired", "deleted", "connection_closed", "shutdown", "disconnected")
 AUTH_FAILURE_REASONS = (
     "unknown_user", "bad_integrity", "stale_nonce", "bad_nonce", "expired_username", "bad_request",
 )

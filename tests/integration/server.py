@@ -80,6 +80,9 @@ def base_options() -> dict[str, Any]:
         "log_level": "info",
         # One process unless a test asks for workers (tests/integration/test_workers.py).
         "workers": 1,
+        # No admin socket unless a test asks (tests/integration/test_admin.py): never two
+        # servers on one path.
+        "admin_socket": "",
     }
 
 

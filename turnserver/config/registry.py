@@ -196,6 +196,11 @@ OPTIONS: tuple[Option, ...] = (
            "beyond, the server stops reading from it until it reads its replies.", "limits",
            reload=True, minimum=512),
     # -- observability ----------------------------------------------------------------------------
+    Option("admin_socket", "str", "/run/turnd/admin.sock",
+           "Unix socket for turnd admin (sessions, disconnect, reload, drain, log level): mode "
+           "0660, group turnd; only root, this server's user and that group are served "
+           "(SO_PEERCRED); \"\" disables it. No network listener.", "observability",
+           reload=False),
     Option("metrics_listen", "str", "127.0.0.1:9641",
            "\"IP:PORT\" of the Prometheus /metrics endpoint; \"\" disables it.",
            "observability", reload=False),
@@ -271,6 +276,7 @@ class Config:
     stream_write_buffer_bytes: int = 262144
     stream_unallocated_write_buffer_bytes: int = 8192
     # observability
+    admin_socket: str = "/run/turnd/admin.sock"
     metrics_listen: str = "127.0.0.1:9641"
     log_level: str = "info"
     log_format: str = "text"

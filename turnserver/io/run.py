@@ -32,6 +32,7 @@ from ..config import (
     weak_secret_warnings,
 )
 from .. import __version__
+from .admin import AdminServer, LocalAdmin
 from .sdnotify import SystemdNotifier
 from .server import TurnServer, write_ready_file
 
@@ -106,6 +107,7 @@ class Daemon:
                  generated_secret: bool = False, handle_hup: bool = True) -> None:
         self.server = server
         self.handle_hup = handle_hup  # a worker process leaves SIGHUP to its parent
+        self.generation = 0  # reloads applied so far (turnd admin status)
         # The running secret was made at start-up because none was configured.
         self.generated_secret = generated_secret
         self.reload_settings = reload_settings
@@ -290,7 +292,6 @@ class Daemon:
         server = self.server
         secrets, static_users = reload_credentials(settings, server.secrets, server.static_users,
                                                    self.generated_secret)
-        old = server.config
         report = server.reload(settings.config, secrets, static_users)
         new = server.config
         # Counts only: the log never holds a secret, password or key.
@@ -304,12 +305,28 @@ class Daemon:
                         "force until then", ", ".join(report.needs_restart),
                         "s" if len(report.needs_restart) > 1 else "",
                         "" if len(report.needs_restart) > 1 else "s")
-        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
-            # Last, so this reload's own report still reaches the old destination and level.
-            from ..logs import setup_logging
+        self.generation += 1
+        # Last, so this reload's own report still reaches the old destination and level; also
+        # when unchanged, so a level set with turnd admin loglevel lasts until the next reload.
+        from ..logs import setup_logging
 
-            setup_logging(new.log_level, new.log_format)
+        setup_logging(new.log_level, new.log_format)
         return True
+
+
+async def start_admin(path: str, handler: Any) -> AdminServer | None:
+    """The admin socket, when configured; a warning (and no socket) when it cannot be made,
+    e.g. /run/turnd missing outside systemd: serving media does not depend on it."""
+    if not path:
+        return None
+    admin = AdminServer(path, handler)
+    try:
+        await admin.start()
+    except OSError as exc:
+        log.warning("%s; turnd admin is not available (set admin_socket, or \"\" to turn it off)",
+                    exc.strerror or exc)
+        return None
+    return admin
 
 
 def reload_credentials(settings: Settings, current_secrets: list[bytes],
@@ -358,7 +375,12 @@ async def serve(config: Config, *, secrets: list[bytes], static_users: dict[str,
              ", ".join(server.state.relay_addresses))
     daemon = Daemon(server, reload_settings=reload_settings, notifier=notifier, ready_file=ready_file,
                     generated_secret=generated_secret)
-    return await daemon.run()
+    admin = await start_admin(config.admin_socket, LocalAdmin(server, daemon).handle)
+    try:
+        return await daemon.run()
+    finally:
+        if admin is not None:
+            await admin.stop()
 
 
 def run_server(config: Config, *, secrets: list[bytes], static_users: dict[str, Any],

@@ -208,6 +208,12 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self.observability: Any = None
         self._refreshing: asyncio.Task[None] | None = None
+        self.generation = 0  # reloads applied (turnd admin status)
+        self.started = time.time()
+        self.admin: Any = None
+        from .admin import RateMeter
+
+        self.meter = RateMeter()
 
     # ------------------------------------------------------------------ sockets
 
@@ -448,6 +454,7 @@ class Supervisor:
         self.config = dataclasses.replace(config, **{name: getattr(self.config, name) for name in restart})
         self.secrets, self.static_users = list(secrets), dict(users)
         applied = answers[0].get("applied", []) if answers else []
+        self.generation += 1
         log.info("reload applied by %d of %d workers: %s; %d shared secret(s), %d static user(s)",
                  len(answers), self.count,
                  ("changed " + ", ".join(applied)) if applied else "no option changed",
@@ -459,6 +466,69 @@ class Supervisor:
             from ..logs import setup_logging
 
             setup_logging(config.log_level, config.log_format)
+
+    # ------------------------------------------------------------------ turnd admin
+
+    async def ask_workers(self, request: dict[str, Any], timeout_s: float = 1.0
+                          ) -> tuple[list[dict[str, Any]], list[int]]:
+        """Every worker's answer to an admin request, and the workers that gave none in time
+        (reported, never silently left out)."""
+        async def one(slot: WorkerSlot) -> dict[str, Any] | None:
+            if slot.channel is None or not slot.ready:
+                return None
+            try:
+                return await slot.channel.ask({"type": "admin", "request": request}, "admin-answer",
+                                              timeout_s)
+            except (asyncio.TimeoutError, ConnectionError):
+                return None
+
+        answers = await asyncio.gather(*(one(slot) for slot in self.slots))
+        missing = [slot.index for slot, answer in zip(self.slots, answers) if answer is None]
+        return [a for a in answers if a is not None], missing
+
+    async def admin_handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        from .admin import AdminError, check_disconnect, client_filter, set_log_level
+
+        command = request["command"]
+        if command in ("sessions", "disconnect"):
+            if command == "disconnect":
+                check_disconnect(request)
+            client_filter(request.get("client"))  # a bad CIDR is refused before any worker
+            answers, missing = await self.ask_workers(request)
+            errors = [a["error"] for a in answers if "error" in a]
+            if errors:
+                raise AdminError(errors[0])
+            if command == "sessions":
+                sessions = [record for a in answers for record in a.get("sessions", [])]
+                return {"sessions": sessions, "workers_missing": missing}
+            return {"disconnected": sum(a.get("disconnected", 0) for a in answers),
+                    "workers_missing": missing}
+        if command == "status":
+            answers, missing = await self.ask_workers(request)
+            await self.refresh_snapshots()
+            from .admin import relayed_bytes
+            from ..snapshot import merge
+
+            total = merge(self.snapshots()) if self.snapshots() else None
+            return {"version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                    "workers": self.count, "workers_answering": len(answers),
+                    "workers_missing": missing,
+                    "allocations": sum(a.get("allocations", 0) for a in answers),
+                    "relayed_bit_rate": round(self.meter.rate(relayed_bytes(total))) if total else 0,
+                    "draining": self.stopping == "drain", "generation": self.generation}
+        if command == "reload":
+            before = self.generation
+            await self._reload()
+            return {"applied": self.generation > before, "generation": self.generation}
+        if command == "drain":
+            self.request_drain()
+            return {"draining": True}
+        if command == "loglevel":
+            level = set_log_level(request.get("level"))
+            answers, missing = await self.ask_workers(request)
+            return {"level": level, "workers_missing": missing}
+        raise AdminError(f"unknown command {command!r}: status, sessions, disconnect, reload, "
+                         "drain or loglevel")
 
     # ------------------------------------------------------------------ running
 
@@ -516,6 +586,9 @@ class Supervisor:
                 return 1
             await self.refresh_snapshots()
             watcher = loop.create_task(self._watch())
+            from .run import start_admin
+
+            self.admin = await start_admin(self.config.admin_socket, self.admin_handle)
             self._write_ready_file()
             log.info("turnd %s started: configuration %s; %d workers (pids %s); listening %s; "
                      "relaying on %s, ports %d-%d", __version__,
@@ -538,6 +611,8 @@ class Supervisor:
             if self.stopping is None:
                 self.request_stop()
             await self._wait_exit(15.0)
+            if self.admin is not None:
+                await self.admin.stop()
             await self.observability.stop()
             self._close()
         return 0

@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 from ..logs import setup_logging
+from .admin import AdminError, LocalAdmin, set_log_level
 from .run import Daemon, new_event_loop
 from .server import TurnServer, WorkerSetup
 from .shared import HeldPorts, SharedLedger, SharedMemory
@@ -74,6 +75,8 @@ class WorkerDaemon(Daemon):
                     self.post({"type": "snapshot", "snapshot": snap.to_dict()})
                 elif kind == "reload":
                     self.post(self.apply(message))
+                elif kind == "admin":
+                    self.post({"type": "admin-answer", **self.admin_part(message)})
                 elif kind == "drain":
                     if not self.draining:
                         self.request_drain()
@@ -83,6 +86,27 @@ class WorkerDaemon(Daemon):
             pass
         log.info("the parent process is gone: stopping")
         self.request_stop()
+
+    def admin_part(self, message: dict[str, Any]) -> dict[str, Any]:
+        """This worker's share of a turnd admin command (the parent adds them up)."""
+        request = message.get("request", {})
+        admin = LocalAdmin(self.server, self)
+        try:
+            command = request.get("command")
+            if command == "sessions":
+                sessions = admin.sessions_part(request)
+                for record in sessions:
+                    record["worker"] = self.index
+                return {"sessions": sessions}
+            if command == "disconnect":
+                return {"disconnected": admin.disconnect_part(request)}
+            if command == "status":
+                return admin.status_part()
+            if command == "loglevel":
+                return {"level": set_log_level(request.get("level"))}
+        except AdminError as exc:
+            return {"error": str(exc)}
+        return {"error": f"unknown command {request.get('command')!r}"}
 
     def apply(self, message: dict[str, Any]) -> dict[str, Any]:
         config = config_from_json(message["config"])
@@ -125,6 +149,8 @@ async def serve_worker(start: dict[str, Any], channel: socket.socket, early: byt
     except OSError as exc:
         log.error("cannot start: %s", exc.strerror or exc)
         return 1
+    assert server.core is not None
+    server.core.id_prefix = f"w{index}-"  # allocation ids unique over the workers
     daemon = WorkerDaemon(server, index, channel, early)
     control = asyncio.get_running_loop().create_task(daemon.control())
     try:

@@ -69,7 +69,7 @@ class Allocation:
         "five_tuple", "sink", "username", "relays", "created_at", "expires_at", "transaction_id",
         "response", "permissions", "channels", "peer_channels", "peers_seen", "peers_unlisted",
         "bytes_to_peer", "packets_to_peer", "bytes_to_client", "packets_to_client",
-        "alive", "timer_at", "permission_timers", "quota_key", "up", "down",
+        "alive", "timer_at", "permission_timers", "quota_key", "up", "down", "id",
     )
 
     def __init__(
@@ -105,6 +105,7 @@ class Allocation:
         self.timer_at: float | None = None
         self.permission_timers: dict[str, float] = {}  # peer IP -> time of its heap entry
         self.quota_key = username  # what user_quota counts: the user part of a REST username
+        self.id = ""  # set by the core: how an operator names it (turnd admin)
         # Relayed bytes per second toward the peers and toward the client (the core sets them).
         self.up = TokenBucket(0, created_at)
         self.down = TokenBucket(0, created_at)

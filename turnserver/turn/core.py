@@ -233,6 +233,9 @@ class TurnCore:
         self.on_allocation_end = on_allocation_end
         self.stats = CoreStats()
         self.draining = False
+        # Allocation ids: the prefix (a worker's, "w1-") and a counter, unique in this server.
+        self.id_prefix = ""
+        self._allocation_seq = 0
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._by_relay: dict[RelayEndpoint, Allocation] = {}
         self._routes: dict[tuple[FiveTuple, int], _ChannelRoute] = {}
@@ -787,6 +790,8 @@ class TurnCore:
                                     self.config.max_lifetime_s)
         allocation = Allocation(five_tuple, sink, auth.username, relays, now, lifetime, msg.transaction_id)
         allocation.quota_key = quota_key
+        self._allocation_seq += 1
+        allocation.id = f"{self.id_prefix}{self._allocation_seq:x}"
         rate = self.config.allocation_bandwidth_bytes_s
         allocation.up = TokenBucket(rate, now)
         allocation.down = TokenBucket(rate, now)
@@ -1227,6 +1232,57 @@ class TurnCore:
             allocation.packets_to_peer += packets_up
             allocation.bytes_to_client += bytes_down
             allocation.packets_to_client += packets_down
+
+    # ------------------------------------------------------------------ operator control
+
+    def sessions(self, now: float, *, user: str | None = None,
+                 client: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        """One record per live allocation (turnd admin sessions), optionally only those of a
+        user (the whole username or its user part) or of clients ``client(ip)`` accepts."""
+        self.fold_route_counts()
+        out = []
+        for allocation in self._matching(user, client):
+            out.append({
+                "id": allocation.id,
+                "user": allocation.username,
+                "transport": allocation.five_tuple[0],
+                "client": _hostport(allocation.five_tuple[1]),
+                "server": _hostport(allocation.five_tuple[2]),
+                "relayed": [_hostport(self._advertised(r.address)) for r in allocation.relays],
+                "age_s": round(now - allocation.created_at, 3),
+                "expires_in_s": round(allocation.expires_at - now, 3),
+                "permissions": sum(1 for t in allocation.permissions.values() if t > now),
+                "channels": sum(1 for c in allocation.channels.values() if c.expires_at > now),
+                "bytes_to_peer": allocation.bytes_to_peer,
+                "packets_to_peer": allocation.packets_to_peer,
+                "bytes_to_client": allocation.bytes_to_client,
+                "packets_to_client": allocation.packets_to_client,
+            })
+        return out
+
+    def disconnect(self, now: float, *, user: str | None = None, allocation_id: str | None = None,
+                   client: Callable[[str], bool] | None = None) -> int:
+        """End the allocations that match every filter given, at once, with the usage reason
+        ``disconnected``; how many. With no filter at all, nothing is ended."""
+        if user is None and allocation_id is None and client is None:
+            return 0
+        ended = 0
+        for allocation in list(self._matching(user, client)):
+            if allocation_id is not None and allocation.id != allocation_id:
+                continue
+            self._end_allocation(allocation, "disconnected", now)
+            ended += 1
+        return ended
+
+    def _matching(self, user: str | None, client: Callable[[str], bool] | None) -> list[Allocation]:
+        out = []
+        for allocation in self.allocations.values():
+            if user is not None and user not in (allocation.username, allocation.quota_key):
+                continue
+            if client is not None and not client(allocation.five_tuple[1][0]):
+                continue
+            out.append(allocation)
+        return out
 
     # ------------------------------------------------------------------ ending allocations
 
