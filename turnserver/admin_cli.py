@@ -181,3 +181,43 @@ def drain(ctx: click.Context) -> None:
 def loglevel(ctx: click.Context, level: str) -> None:
     """Set the log level of every process until the next reload."""
     _run(ctx, {"command": "loglevel", "level": level}, lambda a: click.echo(f"log level {a['level']}"))
+
+
+@click.command("verify-usage-log")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def verify_usage_log(files: tuple[str, ...]) -> None:
+    """Check the hash chain of usage_log_file's files, oldest first: exit 0 when intact, 1 at
+    the first line changed, removed or inserted (or a cut not recorded), 2 when unreadable.
+
+    Give the rotated files and the current one in order, e.g. `turnd verify-usage-log
+    /var/log/turnd/usage.log.* /var/log/turnd/usage.log` (the names sort by time). The
+    current file's FILE.head, when present, also covers its last line.
+    """
+    from .usage_chain import verify
+
+    head = None
+    head_path = f"{files[-1]}.head"
+    try:
+        with open(head_path, encoding="ascii") as f:
+            head = json.load(f)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        _fail(f"{head_path}: {exc}", 2)
+    try:
+        verdict = verify(files, head)
+    except OSError as exc:
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", 2)
+    for note in verdict.notes:
+        click.echo(f"note: {note} (recorded by the server when it started again)")
+    if verdict.ok:
+        click.echo(f"intact: {verdict.lines} lines in {verdict.files} file(s)"
+                   + ("" if head is not None else f" ({head_path} not found: the last line "
+                      "is not covered)"))
+        return
+    for finding in verdict.findings:
+        click.echo(f"BROKEN: {finding}")
+    if verdict.truncated is not None:
+        click.echo(f"CUT: {verdict.truncated}")
+    click.echo(f"{verdict.lines} lines verified before that")
+    sys.exit(1)

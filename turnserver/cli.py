@@ -307,9 +307,10 @@ def _register_optional_commands() -> None:
 
     main.add_command(probe)
 
-    from .admin_cli import admin
+    from .admin_cli import admin, verify_usage_log
 
     main.add_command(admin)
+    main.add_command(verify_usage_log)
 
 
 _register_optional_commands()

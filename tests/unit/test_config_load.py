@@ -61,7 +61,8 @@ def test_registry_spellings_and_reload_classes() -> None:
     restart_only = {o.name for o in OPTIONS if not o.reload}
     assert restart_only == {"listen_udp", "listen_tcp", "listen_tls", "relay_addresses",
                             "external_addresses", "relay_port_min", "relay_port_max", "realm",
-                            "metrics_listen", "workers", "admin_socket"}
+                            "metrics_listen", "workers", "admin_socket", "usage_log_file",
+                            "usage_log_max_bytes", "usage_log_rotate_s", "usage_log_flush_s"}
 
 
 # -- sources and precedence ----------------------------------------------------------------------

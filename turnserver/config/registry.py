@@ -196,6 +196,20 @@ OPTIONS: tuple[Option, ...] = (
            "beyond, the server stops reading from it until it reads its replies.", "limits",
            reload=True, minimum=512),
     # -- observability ----------------------------------------------------------------------------
+    Option("usage_log_file", "str", "",
+           "Audit log: one hash-chained JSON line per allocation event (created, refreshed, "
+           "permission, channel, ended with totals), checked with turnd verify-usage-log; "
+           "\"\" (the default) writes none. With workers, each writes FILE.wN.",
+           "observability", reload=False),
+    Option("usage_log_max_bytes", "int", 104857600,
+           "Rotate usage_log_file when it passes this many bytes.", "observability",
+           reload=False, minimum=4096),
+    Option("usage_log_rotate_s", "float", 86400.0,
+           "Rotate usage_log_file after this many seconds.", "observability", reload=False,
+           minimum=1),
+    Option("usage_log_flush_s", "float", 1.0,
+           "Seconds between writes of usage_log_file: what a crash can lose at most.",
+           "observability", reload=False, minimum=0.05, maximum=60),
     Option("admin_socket", "str", "/run/turnd/admin.sock",
            "Unix socket for turnd admin (sessions, disconnect, reload, drain, log level): mode "
            "0660, group turnd; only root, this server's user and that group are served "
@@ -276,6 +290,10 @@ class Config:
     stream_write_buffer_bytes: int = 262144
     stream_unallocated_write_buffer_bytes: int = 8192
     # observability
+    usage_log_file: str = ""
+    usage_log_max_bytes: int = 104857600
+    usage_log_rotate_s: float = 86400.0
+    usage_log_flush_s: float = 1.0
     admin_socket: str = "/run/turnd/admin.sock"
     metrics_listen: str = "127.0.0.1:9641"
     log_level: str = "info"

@@ -37,6 +37,7 @@ from .interfaces import host_addresses
 from .relay import RelayPortPool, detect_relay_addresses
 from .stream import StreamServer
 from .tls import TlsCertificates, certificate_names
+from .usage_log import UsageLog
 
 log = logging.getLogger("turnd")
 usage_log = logging.getLogger("turnd.usage")
@@ -222,6 +223,8 @@ class TurnServer:
         self._timer_at: float | None = None
         # Metrics/health endpoint and the rate-limited trouble summary (turnserver/metrics.py).
         self.observability = Observability(self)
+        # The hash-chained audit log (usage_log_file), when configured.
+        self.usage_log: UsageLog | None = None
 
     # ------------------------------------------------------------------ assembly
 
@@ -293,6 +296,19 @@ class TurnServer:
             on_allocation_end=self._on_allocation_end,
         )
         self.core.fast_routes = self.routes
+        if config.usage_log_file:
+            path = config.usage_log_file + (f".w{worker.index}" if worker is not None else "")
+            self.usage_log = UsageLog(path, max_bytes=config.usage_log_max_bytes,
+                                      rotate_s=config.usage_log_rotate_s,
+                                      flush_s=config.usage_log_flush_s,
+                                      worker=worker.index if worker is not None else None,
+                                      wall_clock=self.wall_clock)
+            try:
+                self.usage_log.open()
+            except OSError as exc:
+                raise OSError(exc.errno, f"usage_log_file {path}: {exc.strerror or exc}") from None
+            self.usage_log.start(loop)
+            self.core.on_event = self._on_allocation_event
         if worker is not None:
             self.core.quotas = worker.quotas
             plane.set_shared(worker.held_ports.memory.map)
@@ -403,6 +419,8 @@ class TurnServer:
 
     async def stop(self) -> None:
         self._close_all()
+        if self.usage_log is not None:
+            await self.usage_log.close()  # after shutdown: every allocation's end is in it
         # After shutdown, so its usage records and a last trouble summary are logged.
         await self.observability.stop()
 
@@ -501,6 +519,16 @@ class TurnServer:
         if self.worker is not None:
             record["worker"] = self.worker.index
         usage_log.info("allocation ended", extra={"usage": record})
+        if self.usage_log is not None:
+            totals = {k: record[k] for k in ("relayed", "peers", "bytes_to_peer", "packets_to_peer",
+                                             "bytes_to_client", "packets_to_client", "duration_s",
+                                             "reason")}
+            self.usage_log.record("ended", allocation, totals)
+
+    def _on_allocation_event(self, allocation: Allocation, event: str, now: float,
+                             details: dict[str, Any]) -> None:
+        if self.usage_log is not None:
+            self.usage_log.record(event, allocation, details)
 
 
 def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, Any]:

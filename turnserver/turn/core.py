@@ -231,6 +231,10 @@ class TurnCore:
         self.relay_ports = relay_ports
         self.random_bytes = random_bytes
         self.on_allocation_end = on_allocation_end
+        # What happens to allocations, for the audit log (turnserver/io/usage_log.py): called
+        # as on_event(allocation, event, now, details) for "created", "refreshed",
+        # "permission" and "channel"; the end comes through on_allocation_end.
+        self.on_event: Callable[[Allocation, str, float, dict[str, Any]], None] | None = None
         self.stats = CoreStats()
         self.draining = False
         # Allocation ids: the prefix (a worker's, "w1-") and a counter, unique in this server.
@@ -799,6 +803,10 @@ class TurnCore:
         for relay in relays:
             self._by_relay[relay] = allocation
         self._schedule_allocation(allocation)
+        if self.on_event is not None:
+            self.on_event(allocation, "created", now, {
+                "relayed": [_hostport(self._advertised(r.address)) for r in relays],
+                "lifetime_s": lifetime})
         family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
         self.stats.allocations_created[(five_tuple[0], family_label)] += 1
 
@@ -837,6 +845,8 @@ class TurnCore:
             self._schedule_allocation(allocation)
             if allocation.channels:
                 self._sync_fast(allocation)
+            if self.on_event is not None:
+                self.on_event(allocation, "refreshed", now, {"lifetime_s": lifetime})
         reply = Message(Method.REFRESH, MessageClass.SUCCESS, msg.transaction_id)
         reply.add(Attr.LIFETIME, lifetime)
         return reply
@@ -904,6 +914,8 @@ class TurnCore:
             allocation, sum(1 for ip in targets if ip not in allocation.permissions), now)
         for ip in targets:
             self._install_permission(allocation, ip, now)
+        if self.on_event is not None:
+            self.on_event(allocation, "permission", now, {"peers": sorted(targets)})
         return Message(Method.CREATE_PERMISSION, MessageClass.SUCCESS, msg.transaction_id)
 
     # ------------------------------------------------------------------ channels
@@ -956,6 +968,8 @@ class TurnCore:
         self._install_permission(allocation, target[0], now)
         if bound is None:
             self._add_fast(self._routes[(allocation.five_tuple, number)])
+        if self.on_event is not None:
+            self.on_event(allocation, "channel", now, {"channel": number, "peer": _hostport(target)})
         return Message(Method.CHANNEL_BIND, MessageClass.SUCCESS, msg.transaction_id)
 
     def _unbind_channel(self, allocation: Allocation, channel: Channel) -> None:
