@@ -192,7 +192,7 @@ class Daemon:
         """SIGINT, or a second SIGTERM: stop now."""
         if self._stop.is_set():
             return
-        if self.draining:
+        if self.draining and self.allocation_count():
             log.warning("stopping at once, ending the drain with %s left",
                         _allocations(self.allocation_count()))
         self.notifier.stopping("stopping")
@@ -234,6 +234,11 @@ class Daemon:
                 break
             self._update_status()
             await asyncio.sleep(min(DRAIN_POLL_S, remaining))
+        self.drained()
+
+    def drained(self) -> None:
+        """The drain is over here: stop. A worker overrides it to tell its parent and go on
+        answering (508) until every worker is done."""
         self._stop.set()
 
     # ------------------------------------------------------------------ reload

@@ -111,8 +111,9 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 class Channel:
     """The parent's side of one worker's control socket: requests and their answers."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, on_message: Any = None) -> None:
         self.sock = sock
+        self.on_message = on_message  # for messages nobody asked for ("drained")
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
@@ -139,6 +140,8 @@ class Channel:
                     future = waiting.pop(0)
                     if not future.done():
                         future.set_result(message)
+                elif self.on_message is not None:
+                    self.on_message(message)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -181,6 +184,7 @@ class WorkerSlot:
     ready: bool = False
     restarts: int = 0
     backoff_s: float = 0.0
+    drained: bool = False
 
 
 class Supervisor:
@@ -290,8 +294,16 @@ class Supervisor:
         parent_end.setblocking(True)
         send(parent_end, self._start_message(slot, self.config, self.secrets, self.static_users))
         parent_end.setblocking(False)
-        slot.channel = Channel(parent_end)
+        slot.drained = False
+        slot.channel = Channel(parent_end, on_message=lambda m, s=slot: self._on_worker_message(s, m))
         await slot.channel.open()
+
+    def _on_worker_message(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        if message.get("type") == "drained":
+            slot.drained = True
+            if self.stopping == "drain" and all(s.drained or s.proc is None for s in self.slots):
+                log.info("every worker has drained")
+                self.request_stop()
 
     async def wait_ready(self, slot: WorkerSlot, timeout_s: float = START_TIMEOUT_S) -> bool:
         assert slot.channel is not None

@@ -87,6 +87,14 @@ class WorkerDaemon(Daemon):
         log.info("the parent process is gone: stopping")
         self.request_stop()
 
+    def drained(self) -> None:
+        """Its allocations are gone (or drain_timeout_s passed): the parent decides when all
+        workers stop, so until then new clients that land here still get their 508."""
+        if self.writer is None:
+            self._stop.set()
+            return
+        self.post({"type": "drained", "allocations": self.allocation_count()})
+
     def admin_part(self, message: dict[str, Any]) -> dict[str, Any]:
         """This worker's share of a turnd admin command (the parent adds them up)."""
         request = message.get("request", {})
