@@ -212,8 +212,12 @@ def test_a_killed_worker_is_replaced_on_the_same_sockets_and_the_other_keeps_rel
         reply = victim_client.request(Method.REFRESH, [(Attr.LIFETIME, 600)])
         assert code(reply) == 437  # no allocation on the new worker: what such a client sees
         assert code(victim_client.allocate()) == 200
-        info = json.loads(Path(server.workdir / "ready.json").read_text())
-        assert info["workers"][0] == pids[0] and info["workers"][1] not in (None, pids[1])
+        def ready_names_the_new_worker() -> bool:
+            # The parent rewrites the ready file once the new worker says it is ready, which
+            # can be just after that worker first answers.
+            info = json.loads(Path(server.workdir / "ready.json").read_text())
+            return info["workers"][0] == pids[0] and info["workers"][1] not in (None, pids[1])
+        assert wait_until(ready_names_the_new_worker, 5.0)
         after = scrape_now(server)
         # Counters of the dead worker are kept: nothing goes backwards.
         assert after.get("turn_allocations_created_total", transport="udp", family="ipv4") >= created_before + 1
