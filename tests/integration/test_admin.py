@@ -230,3 +230,41 @@ def test_without_a_usable_path_the_server_serves_and_says_so(server_factory, tmp
                               str(tmp_path / "missing" / "dir" / "admin.sock"), "status"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "is turnd running" in missing.stderr
+
+
+def test_aioice_sessions_over_udp_and_tcp_are_listed_and_disconnected(server_factory, tmp_path) -> None:
+    """An independent client: aioice's allocations (UDP and TCP) show in sessions; after a
+    disconnect its own Refresh fails with 437, which makes aioice close the allocation."""
+    import asyncio
+
+    import aioice.stun
+    import aioice.turn
+
+    server = start(server_factory, tmp_path, listen_tcp=["127.0.0.1:0"])
+    username, password = server.credentials("aioice")
+
+    async def main() -> None:
+        endpoints = [await aioice.turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, ("127.0.0.1", server.port(transport)), username, password,
+            lifetime=600, transport=transport) for transport in ("udp", "tcp")]
+        try:
+            listing = await asyncio.to_thread(admin_json, server, "sessions", "--user", "aioice")
+            assert sorted(s["transport"] for s in listing["sessions"]) == ["tcp", "udp"]
+            relayed = {f"{t.get_extra_info('sockname')[0]}:{t.get_extra_info('sockname')[1]}"
+                       for t, _ in endpoints}
+            assert {r for s in listing["sessions"] for r in s["relayed"]} == relayed
+            result = await asyncio.to_thread(admin, server, "disconnect", "--user", username)
+            assert "disconnected 2 allocations" in result.stdout
+            for transport, _ in endpoints:
+                protocol = transport._TurnTransport__inner_protocol  # aioice's own TURN client
+                request = aioice.stun.Message(message_method=aioice.stun.Method.REFRESH,
+                                              message_class=aioice.stun.Class.REQUEST)
+                request.attributes["LIFETIME"] = 600
+                with pytest.raises(aioice.stun.TransactionFailed) as failed:
+                    await protocol.request_with_retry(request)
+                assert failed.value.response.attributes["ERROR-CODE"][0] == 437
+        finally:
+            for transport, _ in endpoints:
+                transport.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
