@@ -324,3 +324,21 @@ def test_only_the_parent_talks_to_systemd(tmp_path: Path) -> None:
     finally:
         server.stop()
         sock.close()
+
+
+def test_every_worker_serves_the_same_self_signed_certificate(server_factory) -> None:
+    """Without tls_cert_file the parent makes one certificate for all its workers, so a
+    client sees the same one whichever worker the kernel gives it."""
+    import ssl
+
+    server = server_factory(**options(listen_tls=["127.0.0.1:0"]))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    seen = set()
+    for _ in range(12):  # twelve source ports: both workers, all but surely
+        with socket.create_connection(("127.0.0.1", server.port("tls")), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                seen.add(tls.getpeercert(binary_form=True))
+    assert len(seen) == 1
+    assert server.log_text().count("serving a self-signed certificate") == 2  # one per worker

@@ -73,6 +73,8 @@ class WorkerSetup:
     quotas: Any
     held_ports: Any
     parent_listening: list[tuple[str, int]] = field(default_factory=list)
+    # The parent's self-signed certificate and key (PEM), when TLS has no configured files.
+    self_signed: tuple[bytes, bytes] | None = None
 
 
 @dataclass
@@ -353,6 +355,7 @@ class TurnServer:
             tls = TlsCertificates.from_config(
                 config.tls_cert_file, config.tls_key_file,
                 names=certificate_names(config, self.state.relay_addresses),
+                self_signed=self.worker.self_signed if self.worker is not None else None,
             )
         self.streams = streams = StreamServer(
             self.loop, get_config=lambda: self.config, get_core=lambda: self.core,

@@ -207,6 +207,7 @@ class Supervisor:
         self.keeper = CounterKeeper()
         self.memory: SharedMemory | None = None
         self.nonce_key = os.urandom(32)
+        self.self_signed: tuple[bytes, bytes] | None = None
         self.stopping: str | None = None  # "drain" or "stop" once asked
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -256,6 +257,12 @@ class Supervisor:
         self.slots = [WorkerSlot(i, per_worker[i], slices[i]) for i in range(self.count)]
         held = max(hi - lo + 1 for lo, hi in slices) * max(1, len(self.relay_addresses))
         self.memory = SharedMemory.create(self.count, held, max(1, len(self.relay_addresses)))
+        if config.listen_tls and not (config.tls_cert_file or config.tls_key_file):
+            # One self-signed certificate for every worker (and every replacement), so a
+            # client sees the same one whichever worker it lands on.
+            from .tls import certificate_names, make_self_signed
+
+            self.self_signed = make_self_signed(certificate_names(config, self.relay_addresses))
 
     # ------------------------------------------------------------------ workers
 
@@ -273,6 +280,8 @@ class Supervisor:
             "listeners": [[transport, sock.fileno()] for transport, sock in slot.sockets],
             "shared": self.memory.describe(), "relay_addresses": self.relay_addresses,
             "parent_listening": parent_listening,
+            "self_signed": ([p.decode("ascii") for p in self.self_signed]
+                            if self.self_signed is not None else None),
         }
 
     async def spawn(self, slot: WorkerSlot) -> None:

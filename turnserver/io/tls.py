@@ -211,7 +211,8 @@ class TlsCertificates:
 
     @classmethod
     def from_config(cls, cert_file: str | None, key_file: str | None, *,
-                    names: list[str]) -> TlsCertificates:
+                    names: list[str], self_signed: tuple[bytes, bytes] | None = None,
+                    ) -> TlsCertificates:
         """Load the configured files, or make a self-signed certificate when none is set.
 
         Raises :class:`TlsError` when files are configured but unusable: at start-up a
@@ -224,7 +225,7 @@ class TlsCertificates:
             log.info("TLS certificate %s (%s), valid until %s", cert_file, info.subject,
                      _utc(info.not_after))
             return cls(ctx, info)
-        return cls(*_self_signed_context(names))
+        return cls(*_self_signed_context(names, self_signed))
 
     @property
     def not_after(self) -> float:
@@ -256,8 +257,11 @@ class TlsCertificates:
                  info.subject, _utc(info.not_after))
 
 
-def _self_signed_context(names: list[str]) -> tuple[ssl.SSLContext, CertificateInfo]:
-    cert_pem, key_pem = make_self_signed(names)
+def _self_signed_context(names: list[str], pem: tuple[bytes, bytes] | None = None,
+                         ) -> tuple[ssl.SSLContext, CertificateInfo]:
+    """A self-signed certificate for ``names``; ``pem``: one already made (worker processes
+    serve their parent's, so every worker shows clients the same certificate)."""
+    cert_pem, key_pem = pem if pem is not None else make_self_signed(names)
     ctx, info = context_from_pem(cert_pem, key_pem, source="self-signed", self_signed=True)
     log.warning("no tls_cert_file configured: serving a self-signed certificate for %s; "
                 "browsers will refuse it", ", ".join(names))

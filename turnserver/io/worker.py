@@ -149,6 +149,8 @@ async def serve_worker(start: dict[str, Any], channel: socket.socket, early: byt
         quotas=SharedLedger(memory, index, nonce_key),
         held_ports=HeldPorts(memory, list(start["relay_addresses"])),
         parent_listening=[(h, int(p)) for h, p in start["parent_listening"]],
+        self_signed=(tuple(p.encode("ascii") for p in start["self_signed"])  # type: ignore[arg-type]
+                     if start.get("self_signed") else None),
     )
     server = TurnServer(config, secrets=[bytes.fromhex(s) for s in start["secrets"]],
                         static_users=users_from_json(start["static_users"]), worker=setup)
