@@ -39,6 +39,7 @@ class FakeRelayPorts:
         self.open: set[FakeRelay] = set()
         self.df = dont_fragment
         self.df_requests: list[bool] = []
+        self.tcp_requests: list[bool] = []
 
     def families(self) -> set[int]:
         return {f for f, ip in self.ips.items() if ip}
@@ -47,11 +48,12 @@ class FakeRelayPorts:
         return self.df
 
     def allocate(self, family: int, *, even_port: bool = False, reserve_next: bool = False,
-                 dont_fragment: bool = False) -> tuple[FakeRelay, FakeRelay | None] | None:
+                 dont_fragment: bool = False, tcp: bool = False) -> tuple[FakeRelay, FakeRelay | None] | None:
         ip = self.ips.get(family)
         if not ip:
             return None
         self.df_requests.append(dont_fragment)
+        self.tcp_requests.append(tcp)
         for port in list(self.free[family]):
             if even_port and port % 2:
                 continue
@@ -134,6 +136,13 @@ class Client:
 
     def send(self, msg: Message, now: float = 0.0, *, auth: bool = True, sink: Any = "sink",
              integrity: str | None = None) -> Message:
+        reply = self.send_raw(msg, now, auth=auth, sink=sink, integrity=integrity)
+        assert isinstance(reply, bytes), reply
+        return decode_message(reply)
+
+    def send_raw(self, msg: Message, now: float = 0.0, *, auth: bool = True, sink: Any = "sink",
+                 integrity: str | None = None) -> Any:
+        """What the core returns for ``msg``, undecoded: bytes, None, or a core object."""
         if auth and self.nonce is None:
             challenge = self.raw(Message(msg.method, MessageClass.REQUEST, attributes=list(msg.attributes)), now)
             assert challenge.msg_class == MessageClass.ERROR
@@ -148,9 +157,7 @@ class Client:
             data = encode_message(msg, key=self.key, integrity=kind)
         else:
             data = encode_message(msg)
-        reply = self.h.core.handle_stun(data, self.five_tuple, now, sink)
-        assert isinstance(reply, bytes), reply
-        return decode_message(reply)
+        return self.h.core.handle_stun(data, self.five_tuple, now, sink)
 
     def raw(self, msg: Message, now: float = 0.0) -> Message:
         reply = self.h.core.handle_stun(encode_message(msg), self.five_tuple, now, "sink")

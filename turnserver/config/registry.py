@@ -174,6 +174,14 @@ OPTIONS: tuple[Option, ...] = (
            "Also accept ChannelBind numbers 0x5000-0x7FFF, the RFC 5766 range that older clients "
            "(coturn's turnutils_uclient among them) still use; RFC 8656 §12 reserves them.",
            "limits", reload=True),
+    Option("tcp_relay", "bool", True,
+           "Offer TCP allocations (RFC 6062: REQUESTED-TRANSPORT 6, Connect, ConnectionBind) to "
+           "clients on TCP and TLS listeners; off, they get 442 as UDP-only servers answer.",
+           "limits", reload=True),
+    Option("max_tcp_connections_per_allocation", "int", 32,
+           "Most peer connections one TCP allocation has at once, waiting for ConnectionBind "
+           "or bound; a Connect beyond gets 508, a peer connecting in beyond is reset. 0: "
+           "unlimited.", "limits", reload=True, minimum=0),
     Option("max_connections", "int", 4096,
            "Most TCP and TLS client connections at once; further connections are closed "
            "at accept.", "limits", reload=True, minimum=1),
@@ -283,6 +291,8 @@ class Config:
     challenge_rate_per_source: float = 40.0
     challenge_burst_per_source: int = 40
     legacy_channel_numbers: bool = False
+    tcp_relay: bool = True
+    max_tcp_connections_per_allocation: int = 32
     max_connections: int = 4096
     max_connections_per_source: int = 256
     stream_idle_timeout_s: float = 30.0

@@ -3,6 +3,13 @@
 Each relay is a plain non-blocking socket handed to the data plane (io/datapath.py), which
 watches and drains it: a datagram on a bound channel of a UDP client goes straight to the
 client, any other goes to the data path's ``peer_datagram`` (io/dispatch.py).
+
+A TCP allocation (RFC 6062) gets a :class:`TcpRelay`: a listening TCP socket on the relayed
+address, and a UDP socket bound on the same port that nobody reads. That UDP socket holds the
+port as every relay port is held (the worker processes' shared map, the peer policy's
+own-port check), so one port number is one allocation's, whatever its transport. The
+listener and the connections made from its address (io/tcp_relay.py) set SO_REUSEPORT, as
+RFC 6062 §5.2 has the relayed address be the local end of every peer connection.
 """
 
 from __future__ import annotations
@@ -40,6 +47,38 @@ class UdpRelay:
         return f"UdpRelay({format_hostport(*self.address)})"
 
 
+class TcpRelay(UdpRelay):
+    """A TCP allocation's relayed address: ``listener`` accepts peer connections, ``sock``
+    (the UDP one) only holds the port."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, sock: socket.socket, listener: socket.socket, address: Address) -> None:
+        super().__init__(sock, address)
+        self.listener = listener
+
+    def sendto(self, data: bytes, peer: Address) -> bool:
+        return False  # a TCP allocation sends no datagrams
+
+    def __repr__(self) -> str:
+        return f"TcpRelay({format_hostport(*self.address)})"
+
+
+def reusable_tcp_socket(ip: str) -> socket.socket:
+    """A non-blocking TCP socket that may share its address with a TCP relay's listener."""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if ":" in ip:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class RelayPortPool:
     """Implements the core's ``RelayPorts``: binds relay sockets inside the port range."""
 
@@ -65,6 +104,9 @@ class RelayPortPool:
         self.bind_failures = 0
         # With worker processes: which ports any worker holds (io/shared.py HeldPorts).
         self.shared_held = shared_held
+        # Told of each TCP relay's listener, opened and closed (io/tcp_relay.py).
+        self.on_tcp_listen: Any = None
+        self.on_tcp_close: Any = None
 
     # -- RelayPorts protocol -------------------------------------------------
 
@@ -100,7 +142,7 @@ class RelayPortPool:
 
     def allocate(
         self, family: int, *, even_port: bool = False, reserve_next: bool = False,
-        dont_fragment: bool = False,
+        dont_fragment: bool = False, tcp: bool = False,
     ) -> tuple[UdpRelay, UdpRelay | None] | None:
         ips = self._addresses.get(family) or []
         if not ips:
@@ -116,7 +158,7 @@ class RelayPortPool:
             if port in used or (reserve_next and port + 1 in used):
                 continue
             try:
-                relay = self._bind(ip, port, dont_fragment)
+                relay = self._bind_tcp(ip, port) if tcp else self._bind(ip, port, dont_fragment)
                 if relay is None:
                     continue
                 reserved = None
@@ -140,10 +182,15 @@ class RelayPortPool:
         sock = endpoint.sock
         if sock.fileno() < 0:
             return
-        try:
-            self.plane.remove_relay(sock)
-        except (ValueError, OSError):
-            pass
+        if isinstance(endpoint, TcpRelay):
+            if self.on_tcp_close is not None:
+                self.on_tcp_close(endpoint)
+            endpoint.listener.close()
+        else:
+            try:
+                self.plane.remove_relay(sock)
+            except (ValueError, OSError):
+                pass
         self._in_use[endpoint.address[0]].discard(endpoint.address[1])
         if self.shared_held is not None:
             self.shared_held.set(endpoint.address[0], endpoint.address[1], False)
@@ -151,6 +198,31 @@ class RelayPortPool:
         self.open_count -= 1
 
     # -- internals -----------------------------------------------------------
+
+    def _bind_tcp(self, ip: str, port: int) -> TcpRelay | None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        hold = socket.socket(family, socket.SOCK_DGRAM)
+        listener: socket.socket | None = None
+        try:
+            hold.bind((ip, port))
+            listener = reusable_tcp_socket(ip)
+            listener.bind((ip, port))
+            listener.listen(64)
+        except OSError as exc:
+            hold.close()
+            if listener is not None:
+                listener.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise
+        relay = TcpRelay(hold, listener, (ip, port))
+        self._in_use[ip].add(port)
+        if self.shared_held is not None:
+            self.shared_held.set(ip, port, True)
+        self.open_count += 1
+        if self.on_tcp_listen is not None:
+            self.on_tcp_listen(relay)
+        return relay
 
     def _bind(self, ip: str, port: int, dont_fragment: bool) -> UdpRelay | None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET

@@ -36,6 +36,7 @@ from .dispatch import SinkFor, UdpSink, client_message, peer_datagram
 from .interfaces import host_addresses
 from .relay import RelayPortPool, detect_relay_addresses
 from .stream import StreamServer
+from .tcp_relay import TcpPeers
 from .tls import TlsCertificates, certificate_names
 from .usage_log import UsageLog
 
@@ -188,6 +189,8 @@ def core_config_from(config: Config, relay_addresses: list[str]) -> CoreConfig:
         external_addresses=external_map(config, relay_addresses),
         alternate_server=alternate,
         legacy_channel_numbers=config.legacy_channel_numbers,
+        tcp_relay=config.tcp_relay,
+        max_tcp_connections_per_allocation=config.max_tcp_connections_per_allocation,
     )
 
 
@@ -221,6 +224,7 @@ class TurnServer:
         self.routes: CoreRoutes | None = None
         # TCP/TLS listeners, connections and their counters; None without stream listeners.
         self.streams: StreamServer | None = None
+        self.tcp_peers: TcpPeers | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         # Metrics/health endpoint and the rate-limited trouble summary (turnserver/metrics.py).
@@ -361,6 +365,16 @@ class TurnServer:
             self.loop, get_config=lambda: self.config, get_core=lambda: self.core,
             on_stun=self._arm_timer, tls=tls,
         )
+        # RFC 6062 TCP allocations are made over TCP and TLS connections only.
+        self.tcp_peers = tcp_peers = TcpPeers(
+            self.loop, get_core=lambda: self.core, on_change=self._arm_timer,
+            get_write_limit=lambda: self.config.stream_write_buffer_bytes)
+        streams.tcp_peers = tcp_peers
+        if self.relays is not None:
+            self.relays.on_tcp_listen = tcp_peers.listen
+            self.relays.on_tcp_close = tcp_peers.unlisten
+        if self.core is not None:
+            self.core.tcp_peers = tcp_peers
         if self.worker is not None:
             for kind, sock in self.worker.listen_sockets:
                 if kind in ("tcp", "tls"):
@@ -414,6 +428,8 @@ class TurnServer:
         self._close_listeners()
         if self.core is not None and self.loop is not None:
             self.core.shutdown(self.loop.time())
+        if self.tcp_peers is not None:
+            self.tcp_peers.shutdown()
         if self.plane is not None:
             self.plane.close()
         if self.streams is not None:

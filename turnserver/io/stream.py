@@ -72,13 +72,14 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 
 from ..stun import FramingError, StreamFramer
 from ..turn.allocation import Address, FiveTuple
-from ..turn.core import LEGACY_CHANNEL_MAX
+from ..turn.core import LEGACY_CHANNEL_MAX, ConnectionBound
 from .dispatch import client_message
 from .tls import TlsCertificates
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..turn.core import TurnCore
+    from .tcp_relay import Splice, TcpPeers
 
 log = logging.getLogger("turnd")
 
@@ -215,6 +216,8 @@ class StreamServer:
         self.connections: set[StreamConnection] = set()
         self._per_source: dict[str, int] = {}
         self.servers: list[Closable] = []
+        # The TCP allocations' peer side (io/tcp_relay.py), which data connections join.
+        self.tcp_peers: TcpPeers | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -432,7 +435,7 @@ class StreamConnection(asyncio.Protocol):
         "streams", "kind", "loop", "_state", "_sock", "_transport", "_framer", "_five_tuple",
         "_client", "_server", "_opened_at", "_last_activity", "_unallocated_since",
         "_had_allocation", "_write_paused", "_close_reason", "_task", "_closing_at",
-        "_source", "_allocated", "_read_paused", "_backlog",
+        "_source", "_allocated", "_read_paused", "_backlog", "_splice",
     )
 
     def __init__(self, streams: StreamServer, kind: str) -> None:
@@ -460,6 +463,8 @@ class StreamConnection(asyncio.Protocol):
         self._allocated = False  # it has a live allocation (decides the reply allowance)
         self._read_paused = False
         self._backlog: list[bytes] = []  # frames read but not handled while reading is paused
+        # Once a ConnectionBind succeeded (RFC 6062 §5.4): the bytes go to and come from a peer.
+        self._splice: Splice | None = None
 
     @property
     def five_tuple(self) -> FiveTuple | None:
@@ -607,6 +612,9 @@ class StreamConnection(asyncio.Protocol):
         self._state = _CLOSED
         self._stop_sniff()
         self._free_allocation()
+        splice, self._splice = self._splice, None
+        if splice is not None:
+            splice.close()
         streams = self.streams
         streams.release(self)
         self._backlog = []
@@ -676,8 +684,8 @@ class StreamConnection(asyncio.Protocol):
                 self._transport.abort()
                 self._finish(self._close_reason or "peer_closed")
             return
-        if state != _READY:
-            return
+        if state != _READY or self._splice is not None:
+            return  # a data connection lives as long as its peer connection
         allocation = allocations.get(self._five_tuple) if self._five_tuple else None
         if allocation is not None and allocation.sink is self:
             self._had_allocation = True
@@ -695,6 +703,10 @@ class StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._state != _READY:
+            return
+        splice = self._splice
+        if splice is not None:
+            splice.from_client(data)
             return
         now = self.loop.time()
         self._last_activity = now
@@ -733,6 +745,9 @@ class StreamConnection(asyncio.Protocol):
                 if reply is None:
                     continue
                 handled_stun = True
+                if reply.__class__ is ConnectionBound:
+                    self._join_peer(cast(ConnectionBound, reply), frames[index + 1:])
+                    break
                 if reply:
                     self._write_reply(reply)
                     allocation = core.allocations.get(five_tuple)
@@ -745,6 +760,47 @@ class StreamConnection(asyncio.Protocol):
                 log.exception("error handling a stream frame")
         if handled_stun:
             self.streams.on_stun()
+
+    # ------------------------------------------------------------------ RFC 6062 data connections
+
+    def _join_peer(self, bound: ConnectionBound, later: list[bytes]) -> None:
+        """This connection is now the data connection of ``bound.connection``: answer the
+        ConnectionBind, then carry raw bytes. What the client sent after the request (it
+        should have waited for the answer) goes to the peer as it came."""
+        self._write_reply(bound.reply)
+        peers = self.streams.tcp_peers
+        early = b"".join(later) + self._framer.take_rest()
+        self._backlog = []
+        splice = peers.bind(bound.connection, self, early) if peers is not None else None
+        if splice is None:
+            self.close("peer_closed")
+            return
+        self._splice = splice
+        self._allocated = True  # media limits, not the unallocated ones
+        self.apply_write_limits()
+
+    def write_control(self, data: bytes) -> None:
+        """An answer that comes later than its request (a Connect's): as a reply."""
+        self._write_reply(data)
+
+    def write_spliced(self, data: bytes) -> None:
+        """Peer bytes for a data connection: queued, never dropped (the splice stops reading
+        the peer while this connection's buffer is full)."""
+        transport = self._transport
+        if transport is not None and self._state == _READY:
+            transport.write(data)
+
+    def set_spliced_reading(self, on: bool) -> None:
+        transport = self._transport
+        if transport is None or self._state != _READY:
+            return
+        try:
+            if on:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+        except (RuntimeError, AttributeError):
+            pass
 
     # ------------------------------------------------------------------ writing
 
@@ -786,9 +842,14 @@ class StreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._splice is not None:
+            self._splice.pause("peer", "backlog")
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._splice is not None:
+            self._splice.resume("peer", "backlog")
+            return
         if self._read_paused and self._state == _READY:
             self._read_paused = False
             transport = self._transport

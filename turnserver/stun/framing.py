@@ -52,6 +52,15 @@ class StreamFramer:
         """Bytes held while waiting for the rest of a frame."""
         return len(self._buf)
 
+    def take_rest(self) -> bytes:
+        """The bytes buffered after the last whole frame, handed over raw (an RFC 6062 data
+        connection stops being framed); the framer is empty afterwards."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._skip = 0
+        self._error = None
+        return rest
+
     @property
     def pending_error(self) -> FramingError | None:
         """The error the next :meth:`feed` will raise, if the stream already went bad."""

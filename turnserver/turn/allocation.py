@@ -39,10 +39,11 @@ class RelayPorts(Protocol):
 
     def allocate(
         self, family: int, *, even_port: bool = False, reserve_next: bool = False,
-        dont_fragment: bool = False,
+        dont_fragment: bool = False, tcp: bool = False,
     ) -> tuple[RelayEndpoint, RelayEndpoint | None] | None:
         """Bind a relay socket of ``family``; with ``reserve_next`` also bind port+1 (the
-        reservation). ``None`` when no port could be bound (508)."""
+        reservation); with ``tcp`` a listening TCP socket (RFC 6062) instead, its port held
+        as a UDP relay port is. ``None`` when no port could be bound (508)."""
         ...
 
     def release(self, endpoint: RelayEndpoint) -> None:
@@ -70,6 +71,7 @@ class Allocation:
         "response", "permissions", "channels", "peer_channels", "peers_seen", "peers_unlisted",
         "bytes_to_peer", "packets_to_peer", "bytes_to_client", "packets_to_client",
         "alive", "timer_at", "permission_timers", "quota_key", "up", "down", "id",
+        "relay_transport", "tcp_conns", "tcp_connections_total",
     )
 
     def __init__(
@@ -109,6 +111,11 @@ class Allocation:
         # Relayed bytes per second toward the peers and toward the client (the core sets them).
         self.up = TokenBucket(0, created_at)
         self.down = TokenBucket(0, created_at)
+        # "udp", or "tcp" for an RFC 6062 allocation: its peer connections by CONNECTION-ID
+        # (turnserver/turn/tcp.py), and how many it has had.
+        self.relay_transport = "udp"
+        self.tcp_conns: dict[int, Any] = {}
+        self.tcp_connections_total = 0
 
     @property
     def peer_count(self) -> int:
@@ -125,6 +132,7 @@ class Allocation:
         self.peer_channels = {}
         self.permission_timers = {}
         self.peers_seen = set()
+        self.tcp_conns = {}
 
     @property
     def transport(self) -> str:

@@ -70,6 +70,15 @@ from .allocation import (
 from .errors import TurnError, error
 from .limits import QuotaLedger, SourceRateLimiter, TokenBucket
 from .stats import CoreStats
+from .tcp import (
+    BIND_TIMEOUT_S,
+    BOUND,
+    CONNECTING,
+    PENDING,
+    REQUESTED_TRANSPORT_TCP,
+    PeerConnection,
+    TcpPeers,
+)
 
 REQUESTED_TRANSPORT_UDP = 17
 LEGACY_CHANNEL_MAX = 0x7FFF  # RFC 5766 §11 (0x4000-0x7FFF)
@@ -80,7 +89,11 @@ METHOD_NAMES = {
     Method.REFRESH: "refresh",
     Method.CREATE_PERMISSION: "create_permission",
     Method.CHANNEL_BIND: "channel_bind",
+    Method.CONNECT: "connect",
+    Method.CONNECTION_BIND: "connection_bind",
 }
+# A handler's answer that comes later (a Connect waits for the peer's TCP handshake).
+_DEFERRED = object()
 # RFC 8489 §14.11: what a challenge offers; every algorithm we derive keys for, no parameters.
 SERVER_PASSWORD_ALGORITHMS = [(algorithm, b"") for algorithm in SUPPORTED_ALGORITHMS]
 _CHANNEL_HEADER = struct.Struct("!HH")
@@ -114,6 +127,10 @@ _log = logging.getLogger("turnd.auth")
 _policy_log = logging.getLogger("turnd.policy")
 # Distinct peer IPs remembered per allocation for its usage record; beyond, only counted.
 _PEERS_SEEN_MAX = 1024
+_AUTHENTICATED_METHODS = frozenset({
+    Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND,
+    Method.CONNECT, Method.CONNECTION_BIND,
+})
 
 
 @dataclass
@@ -140,6 +157,10 @@ class CoreConfig:
     # RFC 5766 clients (coturn's tools among them) bind channels up to 0x7FFF; RFC 8656 §12
     # narrowed the range to 0x4FFF. Off: the RFC 8656 range only.
     legacy_channel_numbers: bool = False
+    # RFC 6062 TCP allocations: offered at all, and peer connections (pending and bound)
+    # per allocation; 0: unlimited.
+    tcp_relay: bool = True
+    max_tcp_connections_per_allocation: int = 32
 
     def __post_init__(self) -> None:
         self.external_addresses = {
@@ -183,6 +204,15 @@ class SendToPeer:
     relay: RelayEndpoint
     data: bytes
     peer: Address
+
+
+@dataclass(slots=True)
+class ConnectionBound:
+    """What ``handle_stun`` returns for a successful ConnectionBind (RFC 6062 §5.4): the
+    response to write, after which the connection it came on carries ``connection``'s bytes."""
+
+    reply: bytes
+    connection: PeerConnection
 
 
 @dataclass(slots=True)
@@ -246,6 +276,11 @@ class TurnCore:
         # The data plane's routes (see FastRoutes), by handle; none without a data plane.
         self.fast_routes: FastRoutes | None = None
         self._fast: dict[Any, _ChannelRoute] = {}
+        # RFC 6062: the I/O layer's peer connections, and ours by CONNECTION-ID. A worker's
+        # ids carry its number in the top byte (cid_base), so any worker can tell whose it is.
+        self.tcp_peers: TcpPeers | None = None
+        self._tcp: dict[int, PeerConnection] = {}
+        self.cid_base = 0
         # Routes toward a peer on one of our own relay addresses, by that (address, port): the
         # port must stay held, so they leave the data plane when it is released.
         self._own_fast: dict[Address, list[_ChannelRoute]] = {}
@@ -398,6 +433,8 @@ class TurnCore:
             allocation, channel = obj
             return (allocation.alive and channel.timer_at == when
                     and allocation.channels.get(channel.number) is channel)
+        if kind == "tcp_bind":
+            return obj.alive and obj.timer_at == when
         entry_r = self._reservations.get(obj)
         return entry_r is not None and entry_r[1] == when
 
@@ -446,6 +483,12 @@ class TurnCore:
                     self._unbind_channel(allocation, channel)
                 else:
                     self._schedule_channel(allocation, channel)
+            elif kind == "tcp_bind":
+                obj.timer_at = None
+                if obj.state == PENDING:
+                    # RFC 6062 §5.2, §5.3: no ConnectionBind within 30 seconds.
+                    self.stats.tcp_connections[(obj.direction, "bind_timeout")] += 1
+                    self._drop_peer_connection(obj, close=True)
             elif kind == "reservation":
                 reservation = self._pop_reservation(obj)
                 if reservation is not None:
@@ -462,7 +505,7 @@ class TurnCore:
 
     def handle_stun(
         self, data: bytes, five_tuple: FiveTuple, now: float, sink: Any = None
-    ) -> bytes | SendToPeer | None:
+    ) -> bytes | SendToPeer | ConnectionBound | None:
         """One STUN message from a client. Never raises on any input."""
         try:
             msg = decode_message(data)
@@ -505,7 +548,7 @@ class TurnCore:
 
     def _handle_request(
         self, msg: Message, five_tuple: FiveTuple, now: float, sink: Any
-    ) -> bytes | None:
+    ) -> bytes | ConnectionBound | None:
         auth: _Auth | None = None
         try:
             unknown = msg.unknown_comprehension_required(MAX_UNKNOWN_LISTED)
@@ -515,7 +558,7 @@ class TurnCore:
             method = msg.method
             if method == Method.BINDING:
                 reply = self._handle_binding(msg, five_tuple)
-            elif method in (Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND):
+            elif method in _AUTHENTICATED_METHODS:
                 auth = self._authenticate(msg, five_tuple, now)
                 if method == Method.ALLOCATE:
                     reply = self._handle_allocate(msg, auth, five_tuple, now, sink)
@@ -523,10 +566,14 @@ class TurnCore:
                     reply = self._handle_refresh(msg, auth, five_tuple, now)
                 elif method == Method.CREATE_PERMISSION:
                     reply = self._handle_create_permission(msg, auth, five_tuple, now)
-                else:
+                elif method == Method.CHANNEL_BIND:
                     reply = self._handle_channel_bind(msg, auth, five_tuple, now)
+                elif method == Method.CONNECT:
+                    reply = self._handle_connect(msg, auth, five_tuple, now)
+                else:
+                    reply = self._handle_connection_bind(msg, auth, five_tuple, now, sink)
             else:
-                # A method not offered (RFC 6062's Connect and friends) or not defined at all.
+                # A method not defined for requests (ConnectionAttempt is an indication).
                 # RFC 8489 §6.3 would let it be discarded; a 400 tells the client plainly.
                 raise error(400, "Unsupported method", label="bad_request")
         except TurnError as exc:
@@ -539,8 +586,10 @@ class TurnCore:
                 self.stats.limit_refusals["challenge_rate"] += 1
                 return None
             return self._error_response(msg, exc, auth, five_tuple)
+        if reply is _DEFERRED:
+            return None  # counted and answered when the outcome is known
         self._count_request(msg.method, 200)
-        if isinstance(reply, bytes):
+        if isinstance(reply, (bytes, ConnectionBound)):
             return reply
         return self._encode_reply(msg, reply, auth)
 
@@ -696,8 +745,16 @@ class TurnCore:
         transport = msg.get(Attr.REQUESTED_TRANSPORT)
         if transport is None:
             raise error(400, "Missing REQUESTED-TRANSPORT", label="bad_request")
-        if transport != REQUESTED_TRANSPORT_UDP:
+        tcp = transport == REQUESTED_TRANSPORT_TCP and self.tcp_peers is not None and self.config.tcp_relay
+        if transport != REQUESTED_TRANSPORT_UDP and not tcp:
             raise error(442, label="bad_request")  # RFC 8656 §7.2 step 3
+        if tcp:
+            # RFC 6062 §5.1: over TCP or TLS only, and none of the UDP-only attributes.
+            if five_tuple[0] == "udp":
+                raise error(400, "A TCP allocation needs a TCP or TLS connection", label="bad_request")
+            if (Attr.DONT_FRAGMENT in msg or Attr.EVEN_PORT in msg or Attr.RESERVATION_TOKEN in msg
+                    or Attr.ADDITIONAL_ADDRESS_FAMILY in msg):
+                raise error(400, "Attribute not allowed in a TCP allocation", label="bad_request")
         dont_fragment = Attr.DONT_FRAGMENT in msg
         if dont_fragment and not self.relay_ports.supports_dont_fragment():
             # RFC 8656 §7.2 step 4: an unknown comprehension-required attribute, then.
@@ -740,14 +797,15 @@ class TurnCore:
         try:
             return self._grant_allocation(msg, auth, five_tuple, now, sink, token, even_port,
                                           requested_family, additional_family, dont_fragment,
-                                          quota_key)
+                                          quota_key, tcp)
         except BaseException:
             self.quotas.release(quota_key, needed)  # counted above, never held
             raise
 
     def _grant_allocation(self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float,
                           sink: Any, token: bytes | None, even_port: Any, requested_family: Any,
-                          additional_family: Any, dont_fragment: bool, quota_key: str) -> Message:
+                          additional_family: Any, dont_fragment: bool, quota_key: str,
+                          tcp: bool = False) -> Message:
         available = self.relay_ports.families()
         relays: list[RelayEndpoint] = []
         response_extra: list[tuple[int, Any]] = []
@@ -767,10 +825,13 @@ class TurnCore:
                 # RFC 8656 §7.2 step 7: without REQUESTED-ADDRESS-FAMILY the allocation is
                 # IPv4, so an IPv6-only server answers 440 even to ADDITIONAL-ADDRESS-FAMILY.
                 raise error(440, label="family")
-            bound = self.relay_ports.allocate(
-                family, even_port=even_port is not None, reserve_next=bool(even_port),
-                dont_fragment=dont_fragment,
-            )
+            if tcp:
+                bound = self.relay_ports.allocate(family, tcp=True)
+            else:
+                bound = self.relay_ports.allocate(
+                    family, even_port=even_port is not None, reserve_next=bool(even_port),
+                    dont_fragment=dont_fragment,
+                )
             if bound is None:
                 raise error(508, label="capacity")  # RFC 8656 §7.2 step 8
             relays.append(bound[0])
@@ -794,6 +855,8 @@ class TurnCore:
                                     self.config.max_lifetime_s)
         allocation = Allocation(five_tuple, sink, auth.username, relays, now, lifetime, msg.transaction_id)
         allocation.quota_key = quota_key
+        if tcp:
+            allocation.relay_transport = "tcp"
         self._allocation_seq += 1
         allocation.id = f"{self.id_prefix}{self._allocation_seq:x}"
         rate = self.config.allocation_bandwidth_bytes_s
@@ -804,9 +867,12 @@ class TurnCore:
             self._by_relay[relay] = allocation
         self._schedule_allocation(allocation)
         if self.on_event is not None:
-            self.on_event(allocation, "created", now, {
+            details: dict[str, Any] = {
                 "relayed": [_hostport(self._advertised(r.address)) for r in relays],
-                "lifetime_s": lifetime})
+                "lifetime_s": lifetime}
+            if tcp:
+                details["relay_transport"] = "tcp"
+            self.on_event(allocation, "created", now, details)
         family_label = "dual" if len(relays) == 2 else FAMILY_NAMES[family_of(relays[0].address[0])]
         self.stats.allocations_created[(five_tuple[0], family_label)] += 1
 
@@ -918,12 +984,175 @@ class TurnCore:
             self.on_event(allocation, "permission", now, {"peers": sorted(targets)})
         return Message(Method.CREATE_PERMISSION, MessageClass.SUCCESS, msg.transaction_id)
 
+    # ------------------------------------------------------------------ TCP allocations (RFC 6062)
+
+    def _new_cid(self) -> int:
+        """A CONNECTION-ID no live peer connection has: 24 random bits under cid_base."""
+        while True:
+            cid = self.cid_base | (int.from_bytes(self.random_bytes(3), "big") or 1)
+            if cid not in self._tcp:
+                return cid
+
+    def _room_for_connection(self, allocation: Allocation) -> bool:
+        limit = self.config.max_tcp_connections_per_allocation
+        return not limit or len(allocation.tcp_conns) < limit
+
+    def _add_peer_connection(self, allocation: Allocation, peer: Address, outbound: bool,
+                             now: float) -> PeerConnection:
+        conn = PeerConnection(self._new_cid(), allocation, peer, outbound, now)
+        allocation.tcp_conns[conn.cid] = conn
+        allocation.tcp_connections_total += 1
+        self._tcp[conn.cid] = conn
+        seen = allocation.peers_seen
+        if peer[0] not in seen:
+            if len(seen) < _PEERS_SEEN_MAX:
+                seen.add(peer[0])
+            else:
+                allocation.peers_unlisted += 1
+        return conn
+
+    def _await_bind(self, conn: PeerConnection, now: float) -> None:
+        conn.state = PENDING
+        conn.timer_at = when = now + BIND_TIMEOUT_S
+        self._push(when, "tcp_bind", conn)
+
+    def _drop_peer_connection(self, conn: PeerConnection, *, close: bool) -> None:
+        """Forget a peer connection; ``close``: also have the I/O layer close it."""
+        if not conn.alive:
+            return
+        conn.alive = False
+        if conn.timer_at is not None:
+            conn.timer_at = None
+            self._dead_timers += 1
+        self._tcp.pop(conn.cid, None)
+        conn.allocation.tcp_conns.pop(conn.cid, None)
+        if close and self.tcp_peers is not None:
+            self.tcp_peers.close(conn.cid)
+
+    def _handle_connect(self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float) -> Any:
+        """RFC 6062 §5.2: open a TCP connection to a peer; answered once it is open or failed."""
+        allocation = self._allocation_for(auth, five_tuple, now)
+        if allocation.relay_transport != "tcp":
+            raise error(400, "Connect needs a TCP allocation", label="bad_request")
+        peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        if peer is None:
+            raise error(400, "Missing XOR-PEER-ADDRESS", label="bad_request")
+        target, _own = self._checked_peer(allocation, peer, with_port=True)
+        for other in allocation.tcp_conns.values():
+            if other.peer == target:
+                # RFC 6062 §5.2: one in progress, pending or active with this peer.
+                raise error(446, "Connection Already Exists", label="bad_request")
+        if not self._room_for_connection(allocation):
+            self.stats.limit_refusals["tcp_connections"] += 1
+            raise error(508, "Too many connections", label="connection_limit")
+        relay = allocation.relay_for_family(family_of(target[0]))
+        assert relay is not None and self.tcp_peers is not None  # _checked_peer: the family
+        conn = self._add_peer_connection(allocation, target, True, now)
+        conn.reply = (msg.transaction_id, auth, Attr.FINGERPRINT in msg)
+        self.tcp_peers.connect(relay, target, conn.cid)
+        return _DEFERRED
+
+    def peer_connect_result(self, cid: int, ok: bool, now: float) -> tuple[Any, bytes] | None:
+        """The I/O layer's outcome of a Connect's connection attempt: ``(sink, answer)`` to
+        write to the control connection, or None when the allocation has gone meanwhile (the
+        I/O layer then closes what it opened)."""
+        conn = self._tcp.get(cid)
+        if conn is None or conn.state != CONNECTING:
+            return None
+        allocation = conn.allocation
+        transaction_id, auth, fingerprint = conn.reply
+        conn.reply = None
+        request = Message(Method.CONNECT, MessageClass.REQUEST, transaction_id)
+        if fingerprint:
+            request.add(Attr.FINGERPRINT, 0)
+        if ok:
+            self._await_bind(conn, now)
+            reply = Message(Method.CONNECT, MessageClass.SUCCESS, transaction_id)
+            reply.add(Attr.CONNECTION_ID, cid)
+            self._count_request(Method.CONNECT, 200)
+            self.stats.tcp_connections[("outbound", "connected")] += 1
+            return allocation.sink, self._encode_reply(request, reply, auth)
+        self._drop_peer_connection(conn, close=False)
+        self._count_request(Method.CONNECT, 447)
+        self.stats.tcp_connections[("outbound", "failed")] += 1
+        # RFC 6062 §5.2: the attempt failed or timed out.
+        return allocation.sink, self._error_response(
+            request, error(447, "Connection Timeout or Failure", label="bad_request"), auth,
+            allocation.five_tuple)
+
+    def peer_connection_arrived(self, relay: RelayEndpoint, peer: Address,
+                                now: float) -> tuple[int, Any, bytes] | None:
+        """RFC 6062 §5.3: a peer connected to a TCP allocation's relayed address. ``(cid, sink,
+        ConnectionAttempt)`` to send to the client, or None: the I/O layer closes it."""
+        allocation = self._by_relay.get(relay)
+        if allocation is None or allocation.expires_at <= now or allocation.relay_transport != "tcp":
+            self.stats.tcp_connections[("inbound", "no_allocation")] += 1
+            return None
+        ip = canonical_ip(peer[0])
+        if allocation.permissions.get(ip, 0.0) <= now:
+            self.stats.tcp_connections[("inbound", "no_permission")] += 1
+            return None
+        if not self._room_for_connection(allocation):
+            self.stats.limit_refusals["tcp_connections"] += 1
+            self.stats.tcp_connections[("inbound", "limit")] += 1
+            return None
+        conn = self._add_peer_connection(allocation, (ip, peer[1]), False, now)
+        self._await_bind(conn, now)
+        self.stats.tcp_connections[("inbound", "connected")] += 1
+        external = self.config.external_addresses.get(ip)
+        indication = Message(Method.CONNECTION_ATTEMPT, MessageClass.INDICATION, self.random_bytes(12))
+        indication.add(Attr.XOR_PEER_ADDRESS, (external, peer[1]) if external else (ip, peer[1]))
+        indication.add(Attr.CONNECTION_ID, conn.cid)
+        return conn.cid, allocation.sink, encode_message(indication)
+
+    def _handle_connection_bind(self, msg: Message, auth: _Auth, five_tuple: FiveTuple,
+                                now: float, sink: Any) -> ConnectionBound:
+        """RFC 6062 §5.4: a new client connection asks to carry a peer connection's bytes."""
+        if five_tuple[0] == "udp":
+            raise error(400, "ConnectionBind needs a TCP or TLS connection", label="bad_request")
+        if five_tuple in self.allocations:
+            raise error(400, "A control connection cannot be a data connection", label="bad_request")
+        cid = msg.get(Attr.CONNECTION_ID)
+        conn = self._tcp.get(cid) if cid is not None else None
+        if conn is None or conn.state != PENDING or conn.allocation.expires_at <= now:
+            raise error(400, "Unknown CONNECTION-ID", label="bad_request")
+        allocation = conn.allocation
+        if allocation.username != auth.username:
+            raise error(441, label="auth")
+        conn.state = BOUND
+        if conn.timer_at is not None:
+            conn.timer_at = None
+            self._dead_timers += 1
+        self.stats.tcp_connections[(conn.direction, "bound")] += 1
+        if self.on_event is not None:
+            self.on_event(allocation, "connection", now, {
+                "peer": _hostport(conn.peer), "direction": conn.direction, "connection_id": cid})
+        reply = Message(Method.CONNECTION_BIND, MessageClass.SUCCESS, msg.transaction_id)
+        return ConnectionBound(self._encode_reply(msg, reply, auth), conn)
+
+    def peer_connection_closed(self, cid: int) -> None:
+        """The I/O layer's peer connection ``cid`` (or its data connection) closed."""
+        conn = self._tcp.get(cid)
+        if conn is not None:
+            self._drop_peer_connection(conn, close=False)
+
+    @property
+    def tcp_connection_states(self) -> dict[str, int]:
+        """Peer connections now, by state (connecting, pending, bound), for the metrics."""
+        counts = {CONNECTING: 0, PENDING: 0, BOUND: 0}
+        for conn in self._tcp.values():
+            counts[conn.state] += 1
+        return counts
+
     # ------------------------------------------------------------------ channels
 
     def _handle_channel_bind(
         self, msg: Message, auth: _Auth, five_tuple: FiveTuple, now: float
     ) -> Message:
         allocation = self._allocation_for(auth, five_tuple, now)
+        if allocation.relay_transport == "tcp":
+            # RFC 6062 §5: a TCP allocation has no channels.
+            raise error(400, "No channels on a TCP allocation", label="bad_request")
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None:
@@ -990,6 +1219,10 @@ class TurnCore:
         allocation = self.allocations.get(five_tuple)
         if allocation is None or allocation.expires_at <= now:
             self.stats.dropped["no_allocation"] += 1
+            return None
+        if allocation.relay_transport == "tcp":
+            # RFC 6062 §5: data of a TCP allocation goes over its data connections only.
+            self.stats.dropped["tcp_allocation"] += 1
             return None
         if msg.unknown_comprehension_required():
             # RFC 8489 §6.3.2: discarded, no answer.
@@ -1267,6 +1500,8 @@ class TurnCore:
                 "expires_in_s": round(allocation.expires_at - now, 3),
                 "permissions": sum(1 for t in allocation.permissions.values() if t > now),
                 "channels": sum(1 for c in allocation.channels.values() if c.expires_at > now),
+                "relay_transport": allocation.relay_transport,
+                "tcp_connections": len(allocation.tcp_conns),
                 "bytes_to_peer": allocation.bytes_to_peer,
                 "packets_to_peer": allocation.packets_to_peer,
                 "bytes_to_client": allocation.bytes_to_client,
@@ -1324,6 +1559,9 @@ class TurnCore:
             route = self._routes.pop((allocation.five_tuple, number), None)
             if route is not None:
                 self._remove_fast(route)  # before its relay socket closes; folds its counts
+        for conn in list(allocation.tcp_conns.values()):
+            # RFC 6062 §5: a TCP allocation's connections end with it.
+            self._drop_peer_connection(conn, close=True)
         for relay in allocation.relays:
             if self._by_relay.get(relay) is allocation:
                 del self._by_relay[relay]

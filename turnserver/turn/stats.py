@@ -13,6 +13,7 @@ class CoreStats:
     __slots__ = (
         "allocations_created", "allocations_refused", "allocations_ended", "requests",
         "auth_failures", "policy_refusals", "dropped", "ended_traffic", "limit_refusals",
+        "tcp_connections",
     )
 
     def __init__(self) -> None:
@@ -40,3 +41,7 @@ class CoreStats:
         # max_allocations), answers withheld (challenge_rate) and packets dropped
         # (allocation_bandwidth, server_bandwidth)
         self.limit_refusals: defaultdict[str, int] = defaultdict(int)
+        # RFC 6062 peer connections: (direction "outbound"/"inbound", result) -> count, result
+        # one of connected, failed (447), bound, bind_timeout, no_permission, no_allocation,
+        # limit
+        self.tcp_connections: defaultdict[tuple[str, str], int] = defaultdict(int)
