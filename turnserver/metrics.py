@@ -53,6 +53,7 @@ DROP_REASONS = (
     "not_stun", "malformed", "unexpected_indication", "unsolicited_response", "bad_indication",
     "no_allocation", "no_permission", "unbound_channel", "policy", "family_mismatch",
     "too_big", "unknown_attribute", "dont_fragment_unsupported", "send_failed", "internal_error",
+    "tcp_allocation",
 )
 # The peer policy's reasons (turnserver/policy.py), exported at zero from the start.
 POLICY_REASONS = (
@@ -64,7 +65,13 @@ POLICY_REASONS = (
 LIMITS = (
     "user_quota", "max_allocations", "permissions", "channels", "allocation_bandwidth",
     "server_bandwidth", "challenge_rate", "connections_per_source", "max_connections",
+    "tcp_connections",
 )
+# RFC 6062 peer connections: what can happen to one, by direction; and the states of open ones.
+TCP_DIRECTIONS = ("outbound", "inbound")
+TCP_RESULTS = ("connected", "failed", "bound", "bind_timeout", "no_permission", "no_allocation",
+               "limit")
+TCP_STATES = ("connecting", "pending", "bound")
 # Drops that a healthy relay sees all the time (a peer's packet racing its permission, media
 # still in flight when an allocation ends): reported at debug level unless something else moved.
 ROUTINE_DROPS = frozenset({"no_permission", "no_allocation", "unbound_channel"})
@@ -189,6 +196,19 @@ class TurnCollector(Collector):
         yield GaugeMetricFamily("turn_timer_entries", "Entries in the core's deadline heap (live "
                                 "and stale); follows the allocations, permissions and channels.",
                                 value=snap.timer_entries)
+        tcp_total = CounterMetricFamily(
+            "turn_tcp_peer_connections_total", "TCP allocations' peer connections (RFC 6062), by "
+            "direction (outbound: a Connect; inbound: a peer connecting in) and what became of "
+            "them: connected, failed (447), bound (ConnectionBind), bind_timeout (no "
+            "ConnectionBind in 30 s), no_permission, no_allocation, limit (refused inbound).",
+            labels=["direction", "result"])
+        for (direction, result), count in _with_zeros(
+                snap.tcp_connections, [(d, r) for d in TCP_DIRECTIONS for r in TCP_RESULTS]):
+            tcp_total.add_metric([direction, result], count)
+        yield tcp_total
+        yield _gauge("turn_tcp_peer_connections", "TCP allocations' peer connections open now, by "
+                     "state: connecting, pending (waiting for ConnectionBind), bound.", "state",
+                     _with_zeros(snap.tcp_connection_states, TCP_STATES))
         yield GaugeMetricFamily("turn_relay_reservations", "EVEN-PORT reservations held now (each "
                                 "holds a relay port and counts toward the quotas).",
                                 value=snap.reservations)
@@ -253,6 +273,13 @@ def _with_zeros(values: Mapping[Any, int], known: Any) -> list[tuple[Any, int]]:
 
 def _counter(name: str, doc: str, label: str, items: list[tuple[str, int]]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in items:
+        family.add_metric([str(value)], count)
+    return family
+
+
+def _gauge(name: str, doc: str, label: str, items: list[tuple[str, int]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[label])
     for value, count in items:
         family.add_metric([str(value)], count)
     return family

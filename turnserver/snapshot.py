@@ -56,6 +56,9 @@ class ServerSnapshot:
     dropped: dict[str, int] = field(default_factory=dict)  # reason
     limit_refusals: dict[str, int] = field(default_factory=dict)  # limit, the stream layer's too
     timer_entries: int = 0
+    # RFC 6062 peer connections: (direction, result) -> count; state -> open now
+    tcp_connections: dict[Pair, int] = field(default_factory=dict)
+    tcp_connection_states: dict[str, int] = field(default_factory=dict)
     reservations: int = 0  # EVEN-PORT reservations held
     draining: bool = False
 
@@ -123,7 +126,7 @@ COUNTERS: tuple[str, ...] = (
     "allocations_created", "allocations_refused", "allocations_ended",
     "relayed_bytes", "relayed_packets", "requests",
     "auth_failures", "policy_refusals", "dropped", "limit_refusals",
-    "relay_bind_failures",
+    "relay_bind_failures", "tcp_connections",
     "stream_accepted", "stream_closed", "stream_plain_on_tls",
     "stream_dropped_messages", "stream_dropped_bytes", "stream_read_pauses",
     "tls_reloads_ok", "tls_reloads_failed",
@@ -134,6 +137,7 @@ COUNTERS: tuple[str, ...] = (
 # dead worker's gauges leave with it.
 GAUGES: tuple[str, ...] = (
     "listeners", "allocations", "permissions", "channels", "timer_entries", "reservations",
+    "tcp_connection_states",
     "draining", "relay_ports_in_use", "relay_ports_capacity", "stream_open", "tls_not_after",
     "resident_memory_bytes",
 )
@@ -149,6 +153,7 @@ TUPLE_KEYED: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "relayed_bytes": (str, str),
     "relayed_packets": (str, str),
     "requests": (str, int),
+    "tcp_connections": (str, str),
 }
 
 _NAMES: tuple[str, ...] = tuple(f.name for f in fields(ServerSnapshot))

@@ -94,7 +94,8 @@ def test_every_field_round_trips_with_values_unlike_the_defaults() -> None:
         current = getattr(snap, f.name)
         if f.name == "requests":
             setattr(snap, f.name, {("allocate", 486): i + 1, ("refresh", 200): 2})
-        elif f.name in ("allocations", "allocations_created", "relayed_bytes", "relayed_packets"):
+        elif f.name in ("allocations", "allocations_created", "relayed_bytes", "relayed_packets",
+                        "tcp_connections"):
             setattr(snap, f.name, {("tcp", "ipv6"): i + 1, ("udp", "dual"): 7})
         elif isinstance(current, dict):
             setattr(snap, f.name, {"some_reason": i + 1})

@@ -120,6 +120,8 @@ def _core(snap: ServerSnapshot, core: Any, streams: Any) -> None:
         limits["max_connections"] = closed.get("capacity", 0)
     snap.limit_refusals = limits
     snap.timer_entries = core.timer_entries
+    snap.tcp_connections = dict(stats.tcp_connections)
+    snap.tcp_connection_states = core.tcp_connection_states
     snap.reservations = core.reservation_count
     snap.draining = bool(core.draining)
 
