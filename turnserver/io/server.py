@@ -552,7 +552,7 @@ class TurnServer:
 
 def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, Any]:
     """The audit record of one allocation. Never holds a password, key or secret."""
-    return {
+    record: dict[str, Any] = {
         "user": allocation.username,
         "client": format_hostport(*allocation.client_address),
         "transport": allocation.transport,
@@ -565,6 +565,11 @@ def usage_record(allocation: Allocation, reason: str, now: float) -> dict[str, A
         "duration_s": round(now - allocation.created_at, 3),
         "reason": reason,
     }
+    if allocation.relay_transport == "tcp":
+        # RFC 6062: the peer connections it had, their bytes in the totals above.
+        record["relay_transport"] = "tcp"
+        record["tcp_connections"] = allocation.tcp_connections_total
+    return record
 
 
 

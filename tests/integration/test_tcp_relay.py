@@ -1,0 +1,286 @@
+"""TCP relay allocations (RFC 6062) through a running turnd: coturn's turnutils_uclient -T, which
+opens connections both ways between two TCP allocations (over TCP and over TLS), and a small
+client of ours for exact cases: a peer that connects in (and one without permission, reset), a
+Connect to a listening peer (from the relayed address, as RFC 6062 §5.2 says), a peer that
+refuses (447), a Connect the peer policy refuses (403), a client that never sends
+ConnectionBind (both connections closed after 30 s), the per-allocation limit, and the end of
+the control connection taking every peer connection with it. The bytes counted in the metrics
+and the usage record are the bytes the peers received."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any, Callable
+
+import pytest
+
+from turnserver.stun import Attr, Method
+
+from .server import RunningServer
+from .stream_client import StreamTurnClient, closed_by_server, code
+from .test_metrics import scrape
+
+PEER_IP = "127.0.0.1"
+
+
+def tcp_server(server_factory: Callable[..., RunningServer], **extra: Any) -> RunningServer:
+    options: dict[str, Any] = {"listen_tcp": ["127.0.0.1:0"], "metrics_listen": "127.0.0.1:0",
+                               "allowed_peers": [f"{PEER_IP}/32"], "log_format": "json"}
+    options.update(extra)
+    return server_factory(**options)
+
+
+def control(server: RunningServer, user: str = "alice", tls: bool = False) -> StreamTurnClient:
+    client = StreamTurnClient(server.address("tls" if tls else "tcp"), *server.credentials(user), tls=tls)
+    reply = client.allocate_tcp()
+    assert code(reply) == 200, reply
+    return client
+
+
+def data_connection(server: RunningServer, owner: StreamTurnClient, cid: int) -> StreamTurnClient:
+    data = StreamTurnClient(server.address("tcp"), owner.username, owner.password)
+    data.nonce = owner.nonce  # the nonce is bound to the client's IP, not to the connection
+    reply = data.connection_bind(cid)
+    assert code(reply) == 200, reply
+    return data
+
+
+def listening_peer() -> socket.socket:
+    sock = socket.socket()
+    sock.bind((PEER_IP, 0))
+    sock.listen(4)
+    sock.settimeout(5.0)
+    return sock
+
+
+def usage_records(server: RunningServer) -> list[dict[str, Any]]:
+    records = []
+    for line in server.log_text().splitlines():
+        if line.startswith("{") and '"usage"' in line:
+            records.append(json.loads(line)["usage"])
+    return records
+
+
+def metric(scraped: Any, name: str, **labels: str) -> float:
+    value = scraped.get(name, **labels)
+    assert value is not None, f"{name}{labels} not exported"
+    return value
+
+
+@pytest.fixture
+def uclient() -> str:
+    path = shutil.which("turnutils_uclient")
+    if path is None:
+        pytest.skip("coturn's turnutils_uclient is not installed")
+    return path
+
+
+def run_uclient(uclient: str, server: RunningServer, *extra: str, port: int) -> str:
+    args = [uclient, "-T", *extra, "-n", "20", "-l", "200", "-m", "2", "-z", "20",
+            "-W", server.secret, "-u", "tcpuser", "-p", str(port), "127.0.0.1"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-2000:]
+    return text
+
+
+def uclient_totals(text: str) -> tuple[int, int, int]:
+    sent, received = map(int, re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)\n", text + "\n")[-1])
+    lost = int(re.findall(r"Total lost packets (\d+)", text)[-1])
+    return sent, received, lost
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_uclient_relays_over_tcp_allocations_both_ways(server_factory, uclient: str,
+                                                       transport: str) -> None:
+    server = tcp_server(server_factory, listen_tls=["127.0.0.1:0"])
+    extra = ("-S",) if transport == "tls" else ()
+    text = run_uclient(uclient, server, *extra, port=server.port(transport))
+    sent, received, lost = uclient_totals(text)
+    assert sent == received == 40 and lost == 0, text[-1500:]
+    scraped = asyncio.run(scrape(server))
+    # Each of the two clients connected to the other's relayed address: one Connect each way,
+    # each announced to the other side with ConnectionAttempt and bound by both.
+    for direction in ("outbound", "inbound"):
+        assert metric(scraped, "turn_tcp_peer_connections_total", direction=direction, result="bound") >= 1
+    assert metric(scraped, "turn_requests_total", method="connection_bind", code="200") >= 2
+    # 40 messages of 200 bytes went from client to peer, and came back from peer to client,
+    # through the two allocations: each byte counted once per allocation it crossed.
+    assert metric(scraped, "turn_relayed_bytes_total", direction="client_to_peer",
+                  transport=transport) >= 40 * 200
+    server.stop()
+    records = [r for r in usage_records(server) if r.get("relay_transport") == "tcp"]
+    assert len(records) >= 2 and all(r["transport"] == transport for r in records)
+    assert sum(r["bytes_to_peer"] for r in records) >= 40 * 200
+    assert all(r["tcp_connections"] >= 1 for r in records if r["bytes_to_peer"])
+
+
+def test_a_peer_connects_in_and_bytes_go_both_ways(server_factory) -> None:
+    server = tcp_server(server_factory)
+    alice = control(server)
+    relayed = alice_relayed(alice)
+    # No permission yet: the relay accepts at the kernel level and resets at once.
+    early = socket.create_connection(relayed, timeout=5.0)
+    assert closed_by_server(early, 5.0)
+    early.close()
+    assert alice.wait_attempt(0.5) is None
+    assert code(alice.permit((PEER_IP, 0))) == 200
+    peer = socket.create_connection(relayed, timeout=5.0)
+    try:
+        attempt = alice.wait_attempt()
+        assert attempt is not None
+        assert attempt.get(Attr.XOR_PEER_ADDRESS) == peer.getsockname()
+        data = data_connection(server, alice, attempt.get(Attr.CONNECTION_ID))
+        up = os.urandom(100_000)
+        down = os.urandom(150_000)
+        data.sock.sendall(up)
+        got = bytearray()
+        peer.settimeout(5.0)
+        while len(got) < len(up):
+            chunk = peer.recv(65536)
+            assert chunk
+            got += chunk
+        assert bytes(got) == up
+        peer.sendall(down)
+        assert data.recv_exactly(len(down)) == down
+        # The peer closes: the data connection ends too; the allocation stays.
+        peer.close()
+        assert closed_by_server(data.sock, 5.0)
+        assert code(alice.request(Method.REFRESH, [(Attr.LIFETIME, 600)])) == 200
+        scraped = asyncio.run(scrape(server))
+        assert metric(scraped, "turn_tcp_peer_connections_total", direction="inbound", result="no_permission") == 1
+        assert metric(scraped, "turn_tcp_peer_connections_total", direction="inbound", result="bound") == 1
+        assert metric(scraped, "turn_relayed_bytes_total", direction="client_to_peer", transport="tcp") == len(up)
+        assert metric(scraped, "turn_relayed_bytes_total", direction="peer_to_client", transport="tcp") == len(down)
+    finally:
+        peer.close()
+        alice.close()
+    server.stop()
+    (record,) = usage_records(server)
+    assert (record["relay_transport"], record["tcp_connections"]) == ("tcp", 1)
+    assert (record["bytes_to_peer"], record["bytes_to_client"]) == (len(up), len(down))
+
+
+def alice_relayed(client: StreamTurnClient) -> tuple[str, int]:
+    return client.last_relayed
+
+
+def test_connect_reaches_a_listening_peer_from_the_relayed_address(server_factory) -> None:
+    server = tcp_server(server_factory)
+    alice = control(server)
+    listener = listening_peer()
+    try:
+        reply = alice.connect(listener.getsockname())
+        assert code(reply) == 200, reply
+        accepted, source = listener.accept()
+        # RFC 6062 §5.2: the relayed transport address is the local end of the connection.
+        assert source == alice_relayed(alice)
+        data = data_connection(server, alice, reply.get(Attr.CONNECTION_ID))
+        data.sock.sendall(b"hello peer")
+        accepted.settimeout(5.0)
+        assert accepted.recv(100) == b"hello peer"
+        accepted.sendall(b"hello client")
+        assert data.recv_exactly(12) == b"hello client"
+        # A second Connect to the same peer while this one is bound: 446.
+        assert code(alice.connect(listener.getsockname())) == 446
+        # The client's data connection closes: the peer's connection ends with it.
+        data.close()
+        assert closed_by_server(accepted, 5.0)
+        accepted.close()
+    finally:
+        listener.close()
+        alice.close()
+
+
+def test_a_peer_that_refuses_gets_447_and_policy_refusals_get_403(server_factory) -> None:
+    server = tcp_server(server_factory)
+    alice = control(server)
+    try:
+        closed = socket.socket()
+        closed.bind((PEER_IP, 0))
+        refusing = closed.getsockname()
+        closed.close()  # nothing listens there: the peer's kernel answers with a reset
+        started = time.monotonic()
+        assert code(alice.connect(refusing)) == 447
+        assert time.monotonic() - started < 5.0
+        # The server's own listening port is never a peer, nor is an address outside
+        # allowed_peers (127.0.0.2 is loopback, refused by default): 403, no connection made.
+        assert code(alice.connect(server.address("tcp"))) == 403
+        assert code(alice.connect(("127.0.0.2", 9))) == 403
+        scraped = asyncio.run(scrape(server))
+        assert metric(scraped, "turn_requests_total", method="connect", code="447") == 1
+        assert metric(scraped, "turn_requests_total", method="connect", code="403") == 2
+        assert metric(scraped, "turn_tcp_peer_connections_total", direction="outbound", result="failed") == 1
+        assert metric(scraped, "turn_tcp_peer_connections", state="connecting") == 0
+    finally:
+        alice.close()
+
+
+def test_a_client_that_never_sends_connection_bind_loses_both_connections_after_30_s(
+        server_factory) -> None:
+    server = tcp_server(server_factory)
+    alice = control(server)
+    listener = listening_peer()
+    inbound = None
+    try:
+        reply = alice.connect(listener.getsockname())
+        assert code(reply) == 200
+        outbound, _ = listener.accept()
+        assert code(alice.permit((PEER_IP, 0))) == 200
+        inbound = socket.create_connection(alice_relayed(alice), timeout=5.0)
+        attempt = alice.wait_attempt()
+        assert attempt is not None
+        started = time.monotonic()
+        # Neither is bound. Both stay open for 30 s, then both are closed.
+        assert not closed_by_server(outbound, 25.0)
+        assert closed_by_server(outbound, 10.0) and closed_by_server(inbound, 5.0)
+        waited = time.monotonic() - started
+        assert 25.0 <= waited <= 40.0
+        # Too late now.
+        late = StreamTurnClient(server.address("tcp"), alice.username, alice.password)
+        late.nonce = alice.nonce
+        assert code(late.connection_bind(attempt.get(Attr.CONNECTION_ID))) == 400
+        late.close()
+        scraped = asyncio.run(scrape(server))
+        for direction in ("outbound", "inbound"):
+            assert metric(scraped, "turn_tcp_peer_connections_total", direction=direction,
+                          result="bind_timeout") == 1
+        assert metric(scraped, "turn_tcp_peer_connections", state="pending") == 0
+        outbound.close()
+    finally:
+        if inbound is not None:
+            inbound.close()
+        listener.close()
+        alice.close()
+
+
+def test_the_limit_per_allocation_and_the_end_of_the_control_connection(server_factory) -> None:
+    server = tcp_server(server_factory, max_tcp_connections_per_allocation=1)
+    alice = control(server)
+    first, second = listening_peer(), listening_peer()
+    try:
+        reply = alice.connect(first.getsockname())
+        assert code(reply) == 200
+        accepted, _ = first.accept()
+        data = data_connection(server, alice, reply.get(Attr.CONNECTION_ID))
+        assert code(alice.connect(second.getsockname())) == 508
+        # The control connection goes: the allocation ends, and its connections with it.
+        alice.close()
+        assert closed_by_server(accepted, 5.0)
+        assert closed_by_server(data.sock, 5.0)
+        accepted.close()
+        data.close()
+        scraped = asyncio.run(scrape(server))
+        assert metric(scraped, "turn_limit_refusals_total", limit="tcp_connections") == 1
+        assert metric(scraped, "turn_tcp_peer_connections", state="bound") == 0
+    finally:
+        first.close()
+        second.close()
+        alice.close()
