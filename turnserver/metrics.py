@@ -235,6 +235,10 @@ class TurnCollector(Collector):
                        _with_zeros(snap.stream_accepted, ("tcp", "tls")))
         yield _counter("turn_stream_connections_closed_total", "TCP and TLS connections closed, by "
                        "reason.", "reason", sorted(snap.stream_closed.items()))
+        yield _counter("turn_stream_handoffs_total", "RFC 6062 data connections whose "
+                       "ConnectionBind named another worker's peer connection, handed to that "
+                       "worker, by transport (tls: bridged by the worker that holds the session).",
+                       "transport", _with_zeros(snap.stream_handed_over, ("tcp", "tls")))
         yield CounterMetricFamily("turn_stream_plain_on_tls_total", "Plain TCP clients accepted on a "
                                   "TLS listener (first-byte detection).", value=snap.stream_plain_on_tls)
         yield CounterMetricFamily("turn_stream_write_dropped_messages_total", "Messages toward slow "

@@ -75,6 +75,7 @@ class ServerSnapshot:
     stream_dropped_messages: int = 0
     stream_dropped_bytes: int = 0
     stream_read_pauses: int = 0
+    stream_handed_over: dict[str, int] = field(default_factory=dict)  # transport
     tls_reloads_ok: int = 0
     tls_reloads_failed: int = 0
     tls_not_after: float | None = None  # the served certificate's expiry, UNIX time
@@ -128,7 +129,7 @@ COUNTERS: tuple[str, ...] = (
     "auth_failures", "policy_refusals", "dropped", "limit_refusals",
     "relay_bind_failures", "tcp_connections",
     "stream_accepted", "stream_closed", "stream_plain_on_tls",
-    "stream_dropped_messages", "stream_dropped_bytes", "stream_read_pauses",
+    "stream_dropped_messages", "stream_dropped_bytes", "stream_read_pauses", "stream_handed_over",
     "tls_reloads_ok", "tls_reloads_failed",
     "cpu_seconds",
 )

@@ -284,3 +284,63 @@ def test_the_limit_per_allocation_and_the_end_of_the_control_connection(server_f
         first.close()
         second.close()
         alice.close()
+
+
+def test_with_two_workers_a_data_connection_on_the_wrong_worker_is_handed_over(
+        server_factory) -> None:
+    totals = {"tcp": 0.0, "tls": 0.0}
+    for attempt in range(3):
+        handed = _data_connections_over_two_workers(server_factory, attempt)
+        totals = {t: totals[t] + handed[t] for t in totals}
+        if all(totals.values()):
+            break
+    assert all(totals.values()), totals
+
+
+def _data_connections_over_two_workers(server_factory, attempt: int) -> dict[str, float]:
+    """The kernel spreads TCP and TLS connections over the workers, so a data connection often
+    reaches a worker other than the allocation's: its ConnectionBind still succeeds (the
+    socket, or for TLS a bridge, goes to the right worker) and the bytes get through."""
+    server = tcp_server(server_factory, workers=2, listen_tls=["127.0.0.1:0"],
+                        relay_port_min=56800, relay_port_max=56863, user_quota=0)
+    if attempt:
+        time.sleep(0.1)
+    listener = listening_peer()
+    clients: list[StreamTurnClient] = []
+    try:
+        for round_ in range(12):
+            tls = round_ % 2 == 1
+            alice = control(server, f"u{attempt}-{round_}", tls=tls)
+            clients.append(alice)
+            reply = alice.connect(listener.getsockname())
+            assert code(reply) == 200, reply
+            accepted, _ = listener.accept()
+            data = StreamTurnClient(server.address("tls" if tls else "tcp"), alice.username,
+                                    alice.password, tls=tls)
+            data.nonce = alice.nonce
+            clients.append(data)
+            assert code(data.connection_bind(reply.get(Attr.CONNECTION_ID))) == 200
+            payload = os.urandom(20_000)
+            data.sock.sendall(payload)
+            got = bytearray()
+            accepted.settimeout(5.0)
+            while len(got) < len(payload):
+                chunk = accepted.recv(65536)
+                assert chunk
+                got += chunk
+            assert bytes(got) == payload
+            accepted.sendall(payload[::-1])
+            assert data.recv_exactly(len(payload)) == payload[::-1]
+            accepted.close()
+        scraped = asyncio.run(scrape(server))
+        # 6 data connections of each transport, each on either worker: all 6 on their owner's
+        # has odds of 1/64 per transport, so the test tries again with a fresh set then.
+        handed = {t: metric(scraped, "turn_stream_handoffs_total", transport=t) for t in ("tcp", "tls")}
+        assert metric(scraped, "turn_stream_connections_closed_total", reason="handed_off") == handed["tcp"]
+        assert metric(scraped, "turn_tcp_peer_connections_total", direction="outbound", result="bound") == 12
+        return handed
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        server.stop()

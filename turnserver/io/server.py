@@ -76,6 +76,8 @@ class WorkerSetup:
     parent_listening: list[tuple[str, int]] = field(default_factory=list)
     # The parent's self-signed certificate and key (PEM), when TLS has no configured files.
     self_signed: tuple[bytes, bytes] | None = None
+    # The hand-over channel to the parent: RFC 6062 data connections for other workers.
+    handoff: socket.socket | None = None
 
 
 @dataclass
@@ -225,6 +227,7 @@ class TurnServer:
         # TCP/TLS listeners, connections and their counters; None without stream listeners.
         self.streams: StreamServer | None = None
         self.tcp_peers: TcpPeers | None = None
+        self.handoff: Any = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         # Metrics/health endpoint and the rate-limited trouble summary (turnserver/metrics.py).
@@ -317,6 +320,8 @@ class TurnServer:
             self.core.on_event = self._on_allocation_event
         if worker is not None:
             self.core.quotas = worker.quotas
+            # CONNECTION-IDs name their worker (io/handoff.py).
+            self.core.cid_base = ((worker.index + 1) & 0xFF) << 24
             plane.set_shared(worker.held_ports.memory.map)
         plane.set_server_buckets(self.core.bandwidth_up, self.core.bandwidth_down)
         try:
@@ -375,6 +380,11 @@ class TurnServer:
             self.relays.on_tcp_close = tcp_peers.unlisten
         if self.core is not None:
             self.core.tcp_peers = tcp_peers
+        if self.worker is not None and self.worker.handoff is not None:
+            from .handoff import Handoff
+
+            self.handoff = Handoff(self.loop, self.worker.handoff, self.worker.index, streams)
+            streams.handoff = self.handoff
         if self.worker is not None:
             for kind, sock in self.worker.listen_sockets:
                 if kind in ("tcp", "tls"):
@@ -430,6 +440,8 @@ class TurnServer:
             self.core.shutdown(self.loop.time())
         if self.tcp_peers is not None:
             self.tcp_peers.shutdown()
+        if self.handoff is not None:
+            self.handoff.close()
         if self.plane is not None:
             self.plane.close()
         if self.streams is not None:

@@ -136,6 +136,7 @@ def _streams(snap: ServerSnapshot, streams: Any) -> None:
     snap.stream_dropped_messages = stats.dropped_messages
     snap.stream_dropped_bytes = stats.dropped_bytes
     snap.stream_read_pauses = stats.read_pauses
+    snap.stream_handed_over = dict(stats.handed_over)
     tls = streams.tls
     if tls is not None:
         snap.has_tls = True

@@ -79,12 +79,13 @@ from .tls import TlsCertificates
 if TYPE_CHECKING:
     from ..config import Config
     from ..turn.core import TurnCore
+    from .handoff import Bridge, Handoff
     from .tcp_relay import Splice, TcpPeers
 
 log = logging.getLogger("turnd")
 
 CLOSE_REASONS = ("idle", "handshake", "framing", "capacity", "source_limit", "peer_closed",
-                 "shutdown")
+                 "shutdown", "handed_off")
 LISTEN_BACKLOG = 1024
 # RFC 5246 §6.2.1 / RFC 8446 §5.1: ContentType handshake(22) opens every TLS connection.
 TLS_HANDSHAKE_RECORD = 0x16
@@ -154,6 +155,9 @@ class StreamStats:
     dropped_bytes: int = 0
     # Times a connection stopped reading because its replies were not being read.
     read_pauses: int = 0
+    # RFC 6062 data connections handed to another worker (io/handoff.py), by the 5-tuple's
+    # transport: "tcp" the socket itself, "tls" through a bridge kept here.
+    handed_over: dict[str, int] = field(default_factory=lambda: {"tcp": 0, "tls": 0})
 
 
 class Closable(Protocol):
@@ -218,6 +222,8 @@ class StreamServer:
         self.servers: list[Closable] = []
         # The TCP allocations' peer side (io/tcp_relay.py), which data connections join.
         self.tcp_peers: TcpPeers | None = None
+        # With worker processes: where a ConnectionBind for another worker's connection goes.
+        self.handoff: Handoff | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -335,6 +341,20 @@ class StreamServer:
             else:
                 self._per_source.pop(key, None)
 
+    def adopt(self, sock: socket.socket, kind: str, name: str, client: Address, server: Address,
+              data: bytes) -> None:
+        """A client connection another worker accepted and handed over (io/handoff.py), with
+        the bytes it had read: served as if accepted here."""
+        conn = StreamConnection(self, kind if kind in ("tcp", "tls") else "tcp")
+        if not self.admit(conn, client[0]):
+            conn._state = _CLOSED
+            _reset(sock)
+            return
+        conn._client, conn._server, conn._name, conn._initial = client, server, name, data
+        conn._state = _HANDSHAKE
+        sock.setblocking(False)
+        conn._task = self.loop.create_task(conn._adopt(sock))
+
     def sources(self) -> int:
         """Distinct sources (IPv4 addresses, IPv6 /64s) with a connection open."""
         return len(self._per_source)
@@ -435,7 +455,8 @@ class StreamConnection(asyncio.Protocol):
         "streams", "kind", "loop", "_state", "_sock", "_transport", "_framer", "_five_tuple",
         "_client", "_server", "_opened_at", "_last_activity", "_unallocated_since",
         "_had_allocation", "_write_paused", "_close_reason", "_task", "_closing_at",
-        "_source", "_allocated", "_read_paused", "_backlog", "_splice",
+        "_source", "_allocated", "_read_paused", "_backlog", "_splice", "_name",
+        "_initial",
     )
 
     def __init__(self, streams: StreamServer, kind: str) -> None:
@@ -464,11 +485,25 @@ class StreamConnection(asyncio.Protocol):
         self._read_paused = False
         self._backlog: list[bytes] = []  # frames read but not handled while reading is paused
         # Once a ConnectionBind succeeded (RFC 6062 §5.4): the bytes go to and come from a peer.
-        self._splice: Splice | None = None
+        self._splice: Splice | Bridge | None = None
+        self._name: str | None = None  # the 5-tuple's transport of a connection handed over
+        self._initial = b""  # and the bytes it had read, handled before any other
 
     @property
     def five_tuple(self) -> FiveTuple | None:
         return self._five_tuple
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock)
+        except Exception:
+            self._finish(self._close_reason or "peer_closed")
+        finally:
+            self._task = None
 
     # ------------------------------------------------------------------ TLS listener path
 
@@ -558,7 +593,7 @@ class StreamConnection(asyncio.Protocol):
             self._server = _address(local)
             name = "tcp"
         elif self._state == _HANDSHAKE:
-            name = "tls" if transport.get_extra_info("ssl_object") is not None else "tcp"
+            name = self._name or ("tls" if transport.get_extra_info("ssl_object") is not None else "tcp")
         else:  # closed while the handshake finished
             transport.abort()
             return
@@ -566,6 +601,10 @@ class StreamConnection(asyncio.Protocol):
         self._five_tuple = (name, self._client, self._server)
         self._state = _READY
         self.apply_write_limits()
+        if self._initial:
+            # Handed over by another worker: what it read comes first.
+            initial, self._initial = self._initial, b""
+            self.data_received(initial)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(self._close_reason or "peer_closed")
@@ -739,6 +778,9 @@ class StreamConnection(asyncio.Protocol):
                 # Its replies are not being read: the rest waits until they are.
                 self._backlog = frames[index:]
                 break
+            if frame[0] == 0 and frame[1] == 0x0B and self.streams.handoff is not None \
+                    and self._hand_over(frame, frames[index:]):
+                break  # another worker's ConnectionBind: this connection is that worker's now
             try:
                 # The framer returns only STUN and ChannelData (its padding removed).
                 reply = dispatch(core, frame, five_tuple, now, sink_for, channel_first_max)
@@ -777,6 +819,46 @@ class StreamConnection(asyncio.Protocol):
             return
         self._splice = splice
         self._allocated = True  # media limits, not the unallocated ones
+        self.apply_write_limits()
+
+    def _hand_over(self, frame: bytes, rest: list[bytes]) -> bool:
+        """A ConnectionBind request (type 0x000B): when its CONNECTION-ID is another
+        worker's, pass this connection there with what it sent (io/handoff.py)."""
+        from ..stun import decode_message
+        from ..stun.constants import Attr
+        from .handoff import owner_of
+
+        handoff = self.streams.handoff
+        assert handoff is not None
+        try:
+            cid = decode_message(frame).get(Attr.CONNECTION_ID)
+        except Exception:
+            return False  # the core answers what it makes of it
+        if not isinstance(cid, int):
+            return False
+        target = owner_of(cid, handoff.index)
+        if target is None:
+            return False
+        data = b"".join(rest) + self._framer.take_rest()
+        if not handoff.hand_over(self, target, data):
+            return False
+        self._backlog = []
+        return True
+
+    def handed_off(self) -> None:
+        """Another worker has this connection's socket now: forget it here, without a FIN or
+        a reset (the descriptor lives on there)."""
+        transport = self._transport
+        self._close_reason = "handed_off"
+        self._state = _CLOSING
+        if transport is not None:
+            transport.abort()
+        self._finish("handed_off")
+
+    def bridge_to(self, bridge: Bridge) -> None:
+        """This TLS connection's bytes now go to and come from another worker (io/handoff.py)."""
+        self._splice = bridge
+        self._allocated = True
         self.apply_write_limits()
 
     def write_control(self, data: bytes) -> None:

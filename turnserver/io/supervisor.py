@@ -185,6 +185,7 @@ class WorkerSlot:
     restarts: int = 0
     backoff_s: float = 0.0
     drained: bool = False
+    handoff: socket.socket | None = None
 
 
 class Supervisor:
@@ -288,7 +289,15 @@ class Supervisor:
         assert self.memory is not None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_end.set_inheritable(True)
-        fds = [sock.fileno() for _, sock in slot.sockets] + [self.memory.fd, child_end.fileno()]
+        # RFC 6062 data connections that reach the wrong worker go through here (io/handoff.py).
+        hand_parent, hand_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hand_child.set_inheritable(True)
+        self._close_handoff(slot)
+        slot.handoff = hand_parent
+        hand_parent.setblocking(False)
+        asyncio.get_running_loop().add_reader(hand_parent.fileno(), self._route_handoff, slot)
+        fds = [sock.fileno() for _, sock in slot.sockets] + [self.memory.fd, child_end.fileno(),
+                                                             hand_child.fileno()]
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         try:
@@ -299,13 +308,56 @@ class Supervisor:
         finally:
             child_end.close()
         slot.started_at = time.monotonic()
+        start = self._start_message(slot, self.config, self.secrets, self.static_users)
+        start["handoff"] = hand_child.fileno()
         slot.ready = False
         parent_end.setblocking(True)
-        send(parent_end, self._start_message(slot, self.config, self.secrets, self.static_users))
+        try:
+            send(parent_end, start)
+        finally:
+            hand_child.close()
         parent_end.setblocking(False)
         slot.drained = False
         slot.channel = Channel(parent_end, on_message=lambda m, s=slot: self._on_worker_message(s, m))
         await slot.channel.open()
+
+    def _route_handoff(self, slot: WorkerSlot) -> None:
+        """Forward what a worker hands over to the worker its header names; a connection for
+        a worker that is not running is closed (its client's connection ends)."""
+        sock = slot.handoff
+        if sock is None:
+            return
+        for _ in range(32):
+            try:
+                message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close_handoff(slot)
+                return
+            if not message and not fds:
+                self._close_handoff(slot)  # the worker is gone
+                return
+            try:
+                target = int(json.loads(message)["to"])
+                to = self.slots[target].handoff if 0 <= target < len(self.slots) else None
+                if to is not None and fds:
+                    socket.send_fds(to, [message], fds[:1])
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("a connection handed over by worker %d was dropped: %s", slot.index, exc)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _close_handoff(self, slot: WorkerSlot) -> None:
+        sock, slot.handoff = slot.handoff, None
+        if sock is None:
+            return
+        try:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        except (OSError, ValueError, RuntimeError):
+            pass
+        sock.close()
 
     def _on_worker_message(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         if message.get("type") == "drained":

@@ -151,6 +151,8 @@ async def serve_worker(start: dict[str, Any], channel: socket.socket, early: byt
         parent_listening=[(h, int(p)) for h, p in start["parent_listening"]],
         self_signed=(tuple(p.encode("ascii") for p in start["self_signed"])  # type: ignore[arg-type]
                      if start.get("self_signed") else None),
+        handoff=(socket.socket(fileno=int(start["handoff"]))
+                 if start.get("handoff") is not None else None),
     )
     server = TurnServer(config, secrets=[bytes.fromhex(s) for s in start["secrets"]],
                         static_users=users_from_json(start["static_users"]), worker=setup)
