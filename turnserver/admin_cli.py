@@ -117,6 +117,15 @@ def status(ctx: click.Context) -> None:
     _run(ctx, {"command": "status"}, show)
 
 
+def _relayed(session: dict[str, Any]) -> str:
+    """The relayed addresses; a TCP allocation's (RFC 6062) with its peer connections."""
+    text = " ".join(session["relayed"])
+    if session.get("relay_transport") == "tcp":
+        count = session.get("tcp_connections", 0)
+        text += f" (tcp, {count} connection{'' if count == 1 else 's'})"
+    return text
+
+
 @admin.command()
 @click.option("--user", default=None, help="Only this user (the whole REST username or its user part).")
 @click.option("--client", default=None, help="Only clients in this CIDR (or IP address).")
@@ -124,7 +133,7 @@ def status(ctx: click.Context) -> None:
 def sessions(ctx: click.Context, user: str | None, client: str | None) -> None:
     """One row per allocation: user, client, relayed addresses, age, expiry, traffic, worker."""
     def show(a: dict[str, Any]) -> None:
-        rows = [[s["id"], s["user"], f"{s['transport']} {s['client']}", " ".join(s["relayed"]),
+        rows = [[s["id"], s["user"], f"{s['transport']} {s['client']}", _relayed(s),
                  f"{s['age_s']:.0f}s", f"{s['expires_in_s']:.0f}s", str(s["permissions"]),
                  str(s["channels"]), f"{s['bytes_to_peer']}/{s['packets_to_peer']}",
                  f"{s['bytes_to_client']}/{s['packets_to_client']}", str(s.get("worker", "-"))]

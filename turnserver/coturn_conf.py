@@ -101,7 +101,6 @@ class _State:
     denied: list[str] = field(default_factory=list)
     relay: list[str] = field(default_factory=list)
     external: list[str] = field(default_factory=list)
-    no_tcp_relay: bool = False
     stun_only: bool = False
     keys: set[str] = field(default_factory=set)  # every coturn option the file mentions
     notes: list[str] = field(default_factory=list)
@@ -266,6 +265,11 @@ def _state_flag(name: str) -> Handler:
     return handler
 
 
+def _tcp_relay_off(state: _State, line: CoturnLine) -> None:
+    """coturn's no-tcp-relay: turnd's tcp_relay = false (RFC 6062 allocations get 442)."""
+    state.values["tcp_relay"] = not _flag_on(line)
+
+
 @_needs_value
 def _realm(state: _State, line: CoturnLine) -> None:
     state.values["realm"] = (line.value or "").strip()
@@ -424,9 +428,9 @@ _HANDLERS: dict[str, Handler] = {
     "relay-device": _explain("turnd binds addresses, not devices; use relay_addresses"),
     "relay-threads": _explain(_THREADS),
     "general-threads": _explain(_THREADS),
-    "no-tcp-relay": _state_flag("no_tcp_relay"),
-    "no-udp-relay": _explain("turnd relays UDP (RFC 8656); TCP allocations (RFC 6062) are "
-                             "not offered, so this cannot be reproduced"),
+    "no-tcp-relay": _tcp_relay_off,
+    "no-udp-relay": _explain("turnd always offers UDP allocations (RFC 8656) beside TCP ones "
+                             "(RFC 6062), so this cannot be reproduced"),
     "keep-address-family": _explain("turnd follows RFC 8656 §7.2 address family selection"),
     "allocation-default-address-family": _explain("turnd follows RFC 8656 §7.2: IPv4 unless "
                                                   "REQUESTED-ADDRESS-FAMILY says otherwise"),
@@ -586,11 +590,6 @@ def _finish(state: _State, base_dir: str | None) -> dict[str, object]:
         state.notes.append("max-bps: unset, so coturn did not limit a session's bandwidth; "
                            "turnd caps each allocation at 625000 bytes/s (5 Mbit/s) each way "
                            "(allocation_bandwidth_bytes_s)")
-    if not state.no_tcp_relay:
-        state.notes.append("no-tcp-relay: absent, so coturn offered TCP relay allocations "
-                           "(RFC 6062); turnd relays to peers over UDP only and answers 442 "
-                           "to a TCP allocation, so clients that need TCP toward peers cannot "
-                           "use it")
     if state.stun_only:
         state.notes.append("stun-only: turnd has no STUN-only mode; it answers Binding without "
                            "credentials and serves TURN to holders of a credential, and with "

@@ -5,7 +5,8 @@ Sans-IO apart from reading the files to verify. Each line of the log is one JSON
 * ``seq``: its number in the chain, counting from 0 at the first anchor ever written;
 * ``prev``: the SHA-256 (hex) of the previous line's bytes, without its newline;
 * ``event``: ``anchor`` (the first line of every file), ``created``, ``refreshed``,
-  ``permission``, ``channel`` or ``ended``, and what the event says.
+  ``permission``, ``channel``, ``connection`` (an RFC 6062 peer connection bound to its data
+  connection) or ``ended``, and what the event says.
 
 A file's anchor names the previous file's last line in ``prev`` (64 zeros for the very first
 file), so the files of a rotation form one chain. Changing a line breaks the ``prev`` of the

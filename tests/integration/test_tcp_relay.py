@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -122,8 +123,9 @@ def test_uclient_relays_over_tcp_allocations_both_ways(server_factory, uclient: 
     assert all(r["tcp_connections"] >= 1 for r in records if r["bytes_to_peer"])
 
 
-def test_a_peer_connects_in_and_bytes_go_both_ways(server_factory) -> None:
-    server = tcp_server(server_factory)
+def test_a_peer_connects_in_and_bytes_go_both_ways(server_factory, tmp_path) -> None:
+    audit = tmp_path / "usage.log"
+    server = tcp_server(server_factory, usage_log_file=str(audit), usage_log_flush_s=0.05)
     alice = control(server)
     relayed = alice_relayed(alice)
     # No permission yet: the relay accepts at the kernel level and resets at once.
@@ -137,7 +139,8 @@ def test_a_peer_connects_in_and_bytes_go_both_ways(server_factory) -> None:
         attempt = alice.wait_attempt()
         assert attempt is not None
         assert attempt.get(Attr.XOR_PEER_ADDRESS) == peer.getsockname()
-        data = data_connection(server, alice, attempt.get(Attr.CONNECTION_ID))
+        peer_port, cid = peer.getsockname()[1], attempt.get(Attr.CONNECTION_ID)
+        data = data_connection(server, alice, cid)
         up = os.urandom(100_000)
         down = os.urandom(150_000)
         data.sock.sendall(up)
@@ -166,6 +169,16 @@ def test_a_peer_connects_in_and_bytes_go_both_ways(server_factory) -> None:
     (record,) = usage_records(server)
     assert (record["relay_transport"], record["tcp_connections"]) == ("tcp", 1)
     assert (record["bytes_to_peer"], record["bytes_to_client"]) == (len(up), len(down))
+    # The audit log has the connection, with its peer, and the totals; its chain verifies.
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    (bound,) = [e for e in lines if e["event"] == "connection"]
+    assert (bound["direction"], bound["peer"]) == ("inbound", f"{PEER_IP}:{peer_port}")
+    assert bound["connection_id"] == cid
+    (ended,) = [e for e in lines if e["event"] == "ended"]
+    assert (ended["relay_transport"], ended["bytes_to_peer"]) == ("tcp", len(up))
+    verified = subprocess.run([sys.executable, "-m", "turnserver", "verify-usage-log", str(audit)],
+                              capture_output=True, text=True, timeout=30)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def alice_relayed(client: StreamTurnClient) -> tuple[str, int]:
@@ -344,3 +357,40 @@ def _data_connections_over_two_workers(server_factory, attempt: int) -> dict[str
             client.close()
         listener.close()
         server.stop()
+
+
+def test_admin_lists_a_tcp_allocation_and_disconnect_closes_its_peer_connections(
+        server_factory, tmp_path) -> None:
+    from .test_admin import admin, admin_json
+
+    server = tcp_server(server_factory, admin_socket=str(tmp_path / "admin.sock"))
+    alice = control(server, "carol")
+    listener = listening_peer()
+    try:
+        reply = alice.connect(listener.getsockname())
+        assert code(reply) == 200
+        accepted, _ = listener.accept()
+        data = data_connection(server, alice, reply.get(Attr.CONNECTION_ID))
+        data.sock.sendall(b"x" * 5000)
+        accepted.settimeout(5.0)
+        got = 0
+        while got < 5000:
+            chunk = accepted.recv(65536)
+            assert chunk
+            got += len(chunk)
+        (session,) = admin_json(server, "sessions", "--user", "carol")["sessions"]
+        assert (session["relay_transport"], session["tcp_connections"]) == ("tcp", 1)
+        assert session["bytes_to_peer"] == 5000 and session["transport"] == "tcp"
+        table = admin(server, "sessions").stdout
+        assert "(tcp, 1 connection)" in table
+        assert "1 allocation" in admin(server, "disconnect", "--user", "carol").stdout
+        # The allocation is gone, and with it the peer connection and the data connection.
+        assert closed_by_server(accepted, 5.0) and closed_by_server(data.sock, 5.0)
+        accepted.close()
+        data.close()
+    finally:
+        listener.close()
+        alice.close()
+    server.stop()
+    (record,) = usage_records(server)
+    assert record["reason"] == "disconnected" and record["bytes_to_peer"] == 5000

@@ -281,8 +281,8 @@ def test_bad_numbers_are_noted_not_carried(tmp_path: Path) -> None:
     config = load(tmp_path, toml_text)
     assert (config.relay_port_min, config.relay_port_max) == (49152, 65535)
     assert config.user_quota == Config().user_quota  # -1 is not carried: the default stays
-    # four bad lines, no TLS without a cert, RFC 6062, coturn's unlimited total-quota and max-bps
-    assert len(notes) == 8, notes
+    # four bad lines, no TLS without a cert, coturn's unlimited total-quota and max-bps
+    assert len(notes) == 7, notes
     assert any("needs a value" in n for n in notes_about(notes, "realm"))
 
 
@@ -336,11 +336,13 @@ def test_stun_only_is_explained_truthfully() -> None:
     assert "leave credentials unset" not in note
 
 
-def test_tcp_relay_is_noted_unless_coturn_had_it_off() -> None:
-    _, notes = convert("realm=example.org\n")
-    assert any(n.startswith("no-tcp-relay: absent") and "RFC 6062" in n for n in notes)
-    _, off = convert("realm=example.org\nno-tcp-relay\n")
-    assert not any("RFC 6062" in n for n in off)
+def test_no_tcp_relay_turns_tcp_allocations_off_and_its_absence_keeps_them(tmp_path: Path) -> None:
+    toml_text, notes = convert("realm=example.org\n")
+    assert load(tmp_path, toml_text).tcp_relay is True  # both offer RFC 6062 by default
+    assert not any("RFC 6062" in n for n in notes)
+    toml_text, notes = convert("realm=example.org\nno-tcp-relay\n")
+    assert load(tmp_path, toml_text).tcp_relay is False
+    assert not notes_about(notes, "no-tcp-relay")
 
 
 def test_coturn_limits_left_at_unlimited_are_noted_with_turnds_defaults() -> None:

@@ -94,9 +94,14 @@ def test_descriptors_needed_counts_relays_connections_and_listeners() -> None:
     config = Config(max_allocations=1000, max_connections=500, relay_port_min=50000,
                     relay_port_max=59999, listen_udp=("0.0.0.0:3478",), listen_tcp=("0.0.0.0:3478",),
                     listen_tls=())
-    assert descriptors_needed(config, ["192.0.2.1"]) == 1000 + 500 + 2 + 64
+    # TCP allocations: a connection may also hold a relay listener and a peer connection.
+    assert descriptors_needed(config, ["192.0.2.1"]) == 1000 + 3 * 500 + 2 + 64
     # Dual stack: two relay sockets per allocation; never more than the port range holds.
-    assert descriptors_needed(config, ["192.0.2.1", "2001:db8::1"]) == 2000 + 500 + 2 + 64
+    assert descriptors_needed(config, ["192.0.2.1", "2001:db8::1"]) == 2000 + 3 * 500 + 2 + 64
+    udp_only = Config(max_allocations=1000, max_connections=500, relay_port_min=50000,
+                      relay_port_max=59999, listen_udp=("0.0.0.0:3478",),
+                      listen_tcp=("0.0.0.0:3478",), listen_tls=(), tcp_relay=False)
+    assert descriptors_needed(udp_only, ["192.0.2.1"]) == 1000 + 500 + 2 + 64
     unlimited = Config(max_allocations=0, relay_port_min=50000, relay_port_max=50099,
                        listen_tcp=(), listen_tls=())
     assert descriptors_needed(unlimited, ["192.0.2.1"]) == 100 + 0 + 2 + 64

@@ -126,11 +126,15 @@ _FD_SLACK = 64
 
 def descriptors_needed(config: Config, relay_addresses: list[str]) -> int:
     """File descriptors the limits can take at once: a relay socket per allocation and per
-    reservation (two for a dual-stack allocation), a socket per TCP/TLS connection."""
+    reservation (two for a dual-stack allocation), a socket per TCP/TLS connection, and with
+    TCP allocations (each made on a TCP/TLS connection) a listener per allocation and a peer
+    connection per data connection."""
     ports = (config.relay_port_max - config.relay_port_min + 1) * max(1, len(relay_addresses))
     families = len({":" in ip for ip in relay_addresses}) or 1
     relays = min(config.max_allocations * families, ports) if config.max_allocations else ports
     streams = config.max_connections if (config.listen_tcp or config.listen_tls) else 0
+    if config.tcp_relay:
+        streams *= 3
     listeners = len(config.listen_udp) + len(config.listen_tcp) + len(config.listen_tls)
     return relays + streams + listeners + _FD_SLACK
 
@@ -553,7 +557,8 @@ class TurnServer:
         if self.usage_log is not None:
             totals = {k: record[k] for k in ("relayed", "peers", "bytes_to_peer", "packets_to_peer",
                                              "bytes_to_client", "packets_to_client", "duration_s",
-                                             "reason")}
+                                             "reason", "relay_transport", "tcp_connections")
+                      if k in record}
             self.usage_log.record("ended", allocation, totals)
 
     def _on_allocation_event(self, allocation: Allocation, event: str, now: float,
