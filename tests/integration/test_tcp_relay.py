@@ -394,3 +394,37 @@ def test_admin_lists_a_tcp_allocation_and_disconnect_closes_its_peer_connections
     server.stop()
     (record,) = usage_records(server)
     assert record["reason"] == "disconnected" and record["bytes_to_peer"] == 5000
+
+
+def test_the_bandwidth_cap_slows_a_tcp_allocation_and_drops_nothing(server_factory) -> None:
+    """TCP cannot drop: over allocation_bandwidth_bytes_s the splice stops reading until the
+    token bucket's debt is paid. 400 KB at 100 KB/s (a burst of one second's worth) takes at
+    least 3 s, arrives whole, and the cap is counted."""
+    server = tcp_server(server_factory, allocation_bandwidth_bytes_s=100_000)
+    alice = control(server)
+    listener = listening_peer()
+    try:
+        reply = alice.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        data = data_connection(server, alice, reply.get(Attr.CONNECTION_ID))
+        payload = os.urandom(400_000)
+        started = time.monotonic()
+        data.sock.settimeout(30.0)
+        data.sock.sendall(payload)
+        got = bytearray()
+        accepted.settimeout(10.0)
+        while len(got) < len(payload):
+            chunk = accepted.recv(65536)
+            assert chunk
+            got += chunk
+        elapsed = time.monotonic() - started
+        assert bytes(got) == payload
+        assert elapsed >= 2.5, elapsed  # the cap's floor: (400 - 100) KB / 100 KB/s, less slack
+        scraped = asyncio.run(scrape(server))
+        assert metric(scraped, "turn_limit_refusals_total", limit="allocation_bandwidth") >= 1
+        assert metric(scraped, "turn_relayed_bytes_total", direction="client_to_peer",
+                      transport="tcp") == len(payload)
+        accepted.close()
+    finally:
+        listener.close()
+        alice.close()

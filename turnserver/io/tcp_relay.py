@@ -49,12 +49,19 @@ _MAX_RATE_PAUSE_S = 1.0
 
 def charge(bucket: Any, size: int, now: float) -> float:
     """Take ``size`` bytes from a token bucket that cannot refuse them (TCP bytes already
-    read): the seconds to stop reading until the debt is paid, 0 when there is none."""
+    read): the seconds until the debt is paid, 0 when there is none."""
     bucket.credit -= size
     if bucket.credit >= 0 or bucket.refill(now, size):
         return 0.0
     # refill() gave the bytes back: take them anyway, as debt.
     bucket.credit -= size
+    return min(_MAX_RATE_PAUSE_S, -bucket.credit / bucket.rate)
+
+
+def debt_left(bucket: Any, now: float) -> float:
+    """Seconds until a bucket in debt (``charge``) has paid it, after what accrued until now."""
+    if bucket.credit >= 0 or bucket.refill(now, 0):
+        return 0.0
     return min(_MAX_RATE_PAUSE_S, -bucket.credit / bucket.rate)
 
 
@@ -246,6 +253,8 @@ class Splice:
         # Why each side is not being read now: "backlog" (the other side's write buffer is
         # full), "rate" (over a bandwidth cap).
         self._paused: dict[str, set[str]] = {"client": set(), "peer": set()}
+        # Bytes read from a side over a bandwidth cap, forwarded once the debt is paid.
+        self._held: dict[str, list[bytes]] = {"client": [], "peer": []}
         self._closed = False
 
     async def start_peer(self, sock: socket.socket) -> None:
@@ -279,7 +288,10 @@ class Splice:
         size = len(data)
         allocation.bytes_to_peer += size
         allocation.packets_to_peer += 1
-        self._charge("client", allocation.up, size)
+        if self._charge("client", allocation.up, size, data):
+            self._to_peer(data)
+
+    def _to_peer(self, data: bytes) -> None:
         if self.peer is None:
             self._early.append(data)
         else:
@@ -292,10 +304,14 @@ class Splice:
         size = len(data)
         allocation.bytes_to_client += size
         allocation.packets_to_client += 1
-        self._charge("peer", allocation.down, size)
-        self.client.write_spliced(data)
+        if self._charge("peer", allocation.down, size, data):
+            self.client.write_spliced(data)
 
-    def _charge(self, side: str, bucket: Any, size: int) -> None:
+    def _charge(self, side: str, bucket: Any, size: int, data: bytes) -> bool:
+        """Charge ``size`` bytes read from ``side`` to the allocation's and the server's
+        buckets. True: forward them now. False: they are held, and ``side`` is not read,
+        until the debt is paid."""
+        held = self._held[side]
         now = self.loop.time()
         core = self.peers.get_core()
         wait = charge(bucket, size, now)
@@ -307,9 +323,36 @@ class Splice:
             if server_wait:
                 core.stats.limit_refusals["server_bandwidth"] += 1
                 wait = max(wait, server_wait)
-        if wait and "rate" not in self._paused[side]:
+        if not wait and not held:
+            return True
+        held.append(data)  # behind what is already held, in order
+        if "rate" not in self._paused[side]:
             self.pause(side, "rate")
-            self.loop.call_later(wait, self.resume, side, "rate")
+            self.loop.call_later(max(wait, 0.001), self._release, side)
+        return False
+
+    def _release(self, side: str) -> None:
+        """The wait for ``side``'s debt is over: forward what was held, or wait on."""
+        if self._closed:
+            return
+        now = self.loop.time()
+        core = self.peers.get_core()
+        allocation = self.allocation
+        bucket = allocation.up if side == "client" else allocation.down
+        wait = debt_left(bucket, now)
+        if core is not None:
+            server = core.bandwidth_up if side == "client" else core.bandwidth_down
+            wait = max(wait, debt_left(server, now))
+        if wait:
+            self.loop.call_later(wait, self._release, side)
+            return
+        held, self._held[side] = self._held[side], []
+        for data in held:
+            if side == "client":
+                self._to_peer(data)
+            else:
+                self.client.write_spliced(data)
+        self.resume(side, "rate")
 
     # -- flow control ------------------------------------------------------------------
 
