@@ -326,3 +326,16 @@ def test_connection_ids_carry_the_worker_base_and_are_unique() -> None:
         connect(control, ("203.0.113.60", 8000 + port))
     cids = [cid for _, _, cid in peers.connects]
     assert len(set(cids)) == 10 and all(cid >> 24 == 3 for cid in cids)
+
+
+def test_a_reloaded_policy_closes_peer_connections_it_now_refuses() -> None:
+    from turnserver.policy import PeerPolicy
+
+    h, peers, control = allocated()
+    kept = connected(h, peers, control, OTHER_PEER)
+    cut = connected(h, peers, control, PEER)
+    h.core.reconfigure(policy=PeerPolicy(allow=("203.0.113.51/32",), relay_addresses=("192.0.2.1",),
+                                         relay_port_range=(50000, 50099)))
+    assert peers.closed == [cut]
+    assert set(h.core.allocations[CONTROL].tcp_conns) == {kept}
+    assert sum(h.core.stats.policy_refusals.values()) == 1

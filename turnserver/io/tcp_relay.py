@@ -278,6 +278,8 @@ class Splice:
             self.peer.write(chunk)
         if self._paused["peer"]:
             self.peer.pause_reading()
+        if early and self.peer.get_write_buffer_size() <= limit:
+            self.resume("client", "backlog")
 
     # -- copying ------------------------------------------------------------------
 
@@ -293,7 +295,11 @@ class Splice:
 
     def _to_peer(self, data: bytes) -> None:
         if self.peer is None:
+            # The peer side is being set up (a moment): hold what the client sends meanwhile,
+            # and stop reading it past one write buffer's worth.
             self._early.append(data)
+            if sum(map(len, self._early)) > self.peers.get_write_limit():
+                self.pause("client", "backlog")
         else:
             self.peer.write(data)
 

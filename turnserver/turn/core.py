@@ -369,6 +369,11 @@ class TurnCore:
                             self._remove_fast(route)
                             route.own = decision.held_check
                             self._add_fast(route)
+            for conn in list(allocation.tcp_conns.values()):
+                decision = check(conn.peer[0], conn.peer[1])
+                if not decision.allowed:
+                    self._drop_peer_connection(conn, close=True)
+                    refusals[decision.reason] += 1
             permissions = allocation.permissions
             for ip in list(permissions):
                 decision = check(ip)
