@@ -15,14 +15,14 @@ TIMEOUT_S = 2.0
 
 class RawTurnClient:
     def __init__(self, server: tuple[str, int], username: str, password: str, realm: str = "test.turnd",
-                 family: int = socket.AF_INET) -> None:
+                 family: int = socket.AF_INET, bind_ip: str | None = None) -> None:
         self.server = server
         self.username = username
         self.password = password
         self.realm = realm
         self.nonce: str | None = None
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        self.sock.bind((bind_ip or ("127.0.0.1" if family == socket.AF_INET else "::1"), 0))
         self.sock.settimeout(TIMEOUT_S)
 
     @property

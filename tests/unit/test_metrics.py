@@ -210,7 +210,8 @@ def full_streams() -> SimpleNamespace:
     stats = SimpleNamespace(open={"tcp": 2, "tls": 1}, accepted={"tcp": 9, "tls": 4},
                             closed={"idle": 3, "handshake": 2, "framing": 0, "capacity": 1,
                                     "source_limit": 5, "peer_closed": 4, "shutdown": 0},
-                            plain_on_tls=1, dropped_messages=12, dropped_bytes=3400, read_pauses=7)
+                            plain_on_tls=1, dropped_messages=12, dropped_bytes=3400, read_pauses=7,
+                            handed_over={"tcp": 3, "tls": 1})
     return SimpleNamespace(stats=stats, tls=SimpleNamespace(reloads_ok=2, reloads_failed=1))
 
 
@@ -225,6 +226,8 @@ def test_stream_layer_counters_are_exported() -> None:
     assert value(registry, "turn_stream_write_dropped_messages_total") == 12
     assert value(registry, "turn_stream_write_dropped_bytes_total") == 3400
     assert value(registry, "turn_stream_read_pauses_total") == 7
+    assert value(registry, "turn_stream_handoffs_total", transport="tcp") == 3
+    assert value(registry, "turn_stream_handoffs_total", transport="tls") == 1
     assert value(registry, "turn_stream_connections_closed_total", reason="source_limit") == 5
     assert value(registry, "turn_tls_reloads_total", result="ok") == 2
     assert value(registry, "turn_tls_reloads_total", result="failed") == 1
