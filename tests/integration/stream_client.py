@@ -93,8 +93,11 @@ class StreamTurnClient:
         assert reply is not None
         return reply
 
-    def allocate_tcp(self) -> Message:
-        reply = self.request(Method.ALLOCATE, [(Attr.REQUESTED_TRANSPORT, 6)])
+    def allocate_tcp(self, family: int | None = None) -> Message:
+        attrs: list[tuple[int, Any]] = [(Attr.REQUESTED_TRANSPORT, 6)]
+        if family is not None:
+            attrs.append((Attr.REQUESTED_ADDRESS_FAMILY, family))
+        reply = self.request(Method.ALLOCATE, attrs)
         if reply.msg_class == MessageClass.SUCCESS:
             self.last_relayed = reply.get(Attr.XOR_RELAYED_ADDRESS)
         return reply

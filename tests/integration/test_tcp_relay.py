@@ -428,3 +428,40 @@ def test_the_bandwidth_cap_slows_a_tcp_allocation_and_drops_nothing(server_facto
     finally:
         listener.close()
         alice.close()
+
+
+def test_an_ipv6_tcp_allocation_connects_both_ways_on_ipv6(server_factory) -> None:
+    """REQUESTED-ADDRESS-FAMILY IPv6 with a TCP allocation: the relayed address is on ::1, a
+    Connect goes out from it, a peer on ::1 connects in, and a peer of the other family is 443."""
+    server = tcp_server(server_factory, listen_tcp=["[::1]:0"], relay_addresses=["127.0.0.1", "::1"],
+                        allowed_peers=["::1/128", f"{PEER_IP}/32"])
+    alice = StreamTurnClient(("::1", server.port("tcp")), *server.credentials("v6"))
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen(2)
+    listener.settimeout(5.0)
+    try:
+        assert code(alice.allocate_tcp(family=2)) == 200
+        relayed = alice.last_relayed
+        assert relayed[0] == "::1"
+        reply = alice.connect(listener.getsockname()[:2])
+        assert code(reply) == 200, reply
+        accepted, source = listener.accept()
+        assert source[:2] == relayed  # from the relayed address (RFC 6062 §5.2)
+        data = StreamTurnClient(("::1", server.port("tcp")), alice.username, alice.password)
+        data.nonce = alice.nonce
+        assert code(data.connection_bind(reply.get(Attr.CONNECTION_ID))) == 200
+        data.sock.sendall(b"over six")
+        accepted.settimeout(5.0)
+        assert accepted.recv(100) == b"over six"
+        assert code(alice.connect((PEER_IP, 9))) == 443  # an IPv4 peer of an IPv6 allocation
+        assert code(alice.permit(("::1", 0))) == 200
+        inbound = socket.create_connection(relayed, timeout=5.0)
+        attempt = alice.wait_attempt()
+        assert attempt is not None and attempt.get(Attr.XOR_PEER_ADDRESS) == inbound.getsockname()[:2]
+        inbound.close()
+        accepted.close()
+        data.close()
+    finally:
+        listener.close()
+        alice.close()
