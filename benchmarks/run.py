@@ -210,6 +210,10 @@ def relay_scenarios(sizes: Sizes) -> list[RelayScenario]:
                       load(moderate, transport="tcp")),
         RelayScenario("tls_channel", f"TLS to the server, ChannelData, {moderate} sessions x 1000 msg/s",
                       load(moderate, transport="tls")),
+        # uclient -T: RFC 6062 allocations whose sessions Connect to each other's relayed
+        # addresses; every message crosses two spliced TCP connections through the server.
+        RelayScenario("tcp_relay", f"TCP allocations (RFC 6062), {moderate} sessions x 1000 msg/s",
+                      load(moderate, "-T", transport="tcp")),
     ]
 
 

@@ -332,6 +332,25 @@ def test_a_burst_from_one_source_gets_at_most_100_answers_and_others_are_answere
     assert h.core._challenges.slots == 4096
 
 
+def test_the_challenge_limit_is_for_udp_only_a_stream_source_is_proved() -> None:
+    """Over TCP and TLS the handshake proves the source and nothing is reflected; a withheld
+    401 would only stall a client that, on a reliable transport, never sends again (coturn's
+    turnutils_uclient -T with 24 sessions from one address stalled on it)."""
+    h = make_core()
+    data = encode_message(Message(Method.ALLOCATE, MessageClass.REQUEST, attributes=[
+        (Attr.REQUESTED_TRANSPORT, 17)]))
+    for kind in ("tcp", "tls"):
+        stream = (kind, ("198.51.100.66", 5000), ("192.0.2.1", 3478))
+        assert all(h.core.handle_stun(data, stream, i / 2000) is not None for i in range(500))
+    assert h.core.stats.limit_refusals["challenge_rate"] == 0
+    malformed = data[:22] + b"\x00\x08" + data[24:]  # an attribute longer than the message
+    stream = ("tcp", ("198.51.100.66", 5001), ("192.0.2.1", 3478))
+    assert all(code(decode_message(h.core.handle_stun(malformed, stream, 1.0))) == 400
+               for _ in range(100))
+    udp = five_tuple("198.51.100.66", 5000)
+    assert sum(1 for i in range(500) if h.core.handle_stun(data, udp, 2.0) is not None) <= 100
+
+
 def test_the_challenge_limit_can_be_turned_off() -> None:
     h = make_core(challenge_rate_per_source=0)
     data = encode_message(Message(Method.REFRESH, MessageClass.REQUEST))

@@ -165,8 +165,9 @@ OPTIONS: tuple[Option, ...] = (
            reload=True, minimum=0),
     Option("challenge_rate_per_source", "float", 40.0,
            "Unauthenticated answers (401, 438, and 400/420 before authentication) per second "
-           "to one source address; beyond, requests are dropped unanswered, so the server is "
-           "no reflector. 0: not limited.", "limits", reload=True, minimum=0),
+           "to one source address over UDP; beyond, requests are dropped unanswered, so the "
+           "server is no reflector (TCP and TLS sources are proved by their handshake, and "
+           "not limited). 0: not limited.", "limits", reload=True, minimum=0),
     Option("challenge_burst_per_source", "int", 40,
            "Unauthenticated answers one source address may get in a burst before "
            "challenge_rate_per_source applies.", "limits", reload=True, minimum=1),

@@ -519,7 +519,7 @@ class TurnCore:
             self.stats.dropped["malformed"] += 1
             if exc.msg_class == MessageClass.REQUEST:
                 self._count_request(exc.method, 400)
-                if not self._challenges.allow(five_tuple[1][0], now):
+                if five_tuple[0] == "udp" and not self._challenges.allow(five_tuple[1][0], now):
                     self.stats.limit_refusals["challenge_rate"] += 1
                     return None
                 reply = Message(exc.method, MessageClass.ERROR, exc.transaction_id)
@@ -585,9 +585,12 @@ class TurnCore:
             if msg.method == Method.ALLOCATE and exc.label != "challenge":
                 self.stats.allocations_refused[_refusal_reason(exc)] += 1
             self._count_request(msg.method, exc.code)
-            if auth is None and not self._challenges.allow(five_tuple[1][0], now):
+            if auth is None and five_tuple[0] == "udp" and not self._challenges.allow(five_tuple[1][0], now):
                 # RFC 8489 §6.3 lets a server drop what it will not answer; a reflector
-                # must not answer a flood from one (possibly spoofed) source.
+                # must not answer a flood from one (possibly spoofed) source. Over TCP and
+                # TLS the handshake has proved the source, nothing is reflected, and a
+                # withheld answer would only stall a client that never retransmits: there
+                # the write allowance of a connection without an allocation is the bound.
                 self.stats.limit_refusals["challenge_rate"] += 1
                 return None
             return self._error_response(msg, exc, auth, five_tuple)
