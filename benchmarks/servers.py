@@ -328,6 +328,11 @@ def start_turnd(workdir: Path, *, cpu: int | Sequence[int] | None, tcp: bool = T
         "user_quota": 0,
         "max_allocations": 0,
         "challenge_rate_per_source": 0,
+        # turnutils_uclient -T (tcp_relay) opens 40+ peer connections on a few of its
+        # allocations, and more than 256 connections from its one address at its peak;
+        # coturn limits neither.
+        "max_tcp_connections_per_allocation": 0,
+        "max_connections_per_source": 0,
         # The bandwidth check stays on the relay path, at a cap no benchmark reaches, so that
         # its cost is inside every relay number (benchmarks/bandwidth_check.py measures it).
         "allocation_bandwidth_bytes_s": 10**10,

@@ -30,7 +30,8 @@ from benchmarks.servers import (ServerUnderTest, coturn_available, make_tls_file
                                 pinned)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RELAY_SCENARIOS = ("udp_channel", "udp_channel_heavy", "udp_send", "tcp_channel", "tls_channel")
+RELAY_SCENARIOS = ("udp_channel", "udp_channel_heavy", "udp_send", "tcp_channel", "tls_channel",
+                   "tcp_relay")
 CLOSED_LOOP_SCENARIOS = ("closed_loop_100", "closed_loop_1000", "closed_loop_send_100")
 RATE_SCENARIOS = ("fixed_rate", "latency_at_half_knee")
 ALL_SCENARIOS = (*RELAY_SCENARIOS, "allocation_rate", "memory_per_allocation",
