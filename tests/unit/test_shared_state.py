@@ -73,8 +73,8 @@ def test_a_table_churned_by_many_users_keeps_exact_counts(memory) -> None:
     assert ledger.user_count("user0") == 0 and ledger.user_count("steady") == 3
 
 
-def _take(fd: int, worker: int, rounds: int, results) -> None:
-    memory = SharedMemory(fd, 3, 64, 2)
+def _take(fd: int, slots: int, worker: int, rounds: int, results) -> None:
+    memory = SharedMemory(fd, 3, slots, 2)  # mapped as a worker maps it: the parent's layout
     ledger = SharedLedger(memory, worker, KEY)
     granted = 0
     for _ in range(rounds):
@@ -88,7 +88,8 @@ def test_processes_racing_for_one_quota_never_pass_it(memory) -> None:
     slots each get 25 in all, never more."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    procs = [context.Process(target=_take, args=(memory.fd, w, 40, results)) for w in range(3)]
+    procs = [context.Process(target=_take, args=(memory.fd, memory.slots, w, 40, results))
+             for w in range(3)]
     for proc in procs:
         proc.start()
     for proc in procs:

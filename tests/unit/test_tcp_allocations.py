@@ -339,3 +339,12 @@ def test_a_reloaded_policy_closes_peer_connections_it_now_refuses() -> None:
     assert peers.closed == [cut]
     assert set(h.core.allocations[CONTROL].tcp_conns) == {kept}
     assert sum(h.core.stats.policy_refusals.values()) == 1
+
+
+def test_a_connection_id_names_its_worker_and_only_a_running_one() -> None:
+    from turnserver.io.handoff import owner_of
+
+    assert owner_of((2 << 24) | 77, own=0, count=4) == 1  # worker 1's
+    assert owner_of((1 << 24) | 77, own=0, count=4) is None  # this worker's own
+    assert owner_of(77, own=0, count=4) is None  # a single process's: no worker at all
+    assert owner_of((9 << 24) | 77, own=0, count=4) is None  # no such worker: answered here

@@ -39,10 +39,13 @@ MAX_MESSAGE = 256 * 1024
 _RECV_BATCH = 32
 
 
-def owner_of(cid: int, own: int) -> int | None:
-    """The worker index a CONNECTION-ID belongs to when it is another worker's, else None."""
+def owner_of(cid: int, own: int, count: int) -> int | None:
+    """The worker index a CONNECTION-ID belongs to when it is another of the ``count``
+    workers', else None (this worker's, or no worker's: the core answers it, with 400 for an
+    id it does not know). The owner authenticates the ConnectionBind: before that, all a
+    client chooses is which running worker answers it, at one hand-over per message."""
     top = (cid >> 24) & 0xFF
-    if top == 0 or top - 1 == own:
+    if top == 0 or top - 1 == own or top > count:
         return None
     return top - 1
 
@@ -51,10 +54,11 @@ class Handoff:
     """One worker's end of the hand-over channel to its parent."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, index: int,
-                 streams: StreamServer) -> None:
+                 count: int, streams: StreamServer) -> None:
         self.loop = loop
         self.sock = sock
         self.index = index
+        self.count = count
         self.streams = streams
         self.sent = 0
         self.adopted = 0

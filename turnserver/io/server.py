@@ -76,8 +76,10 @@ class WorkerSetup:
     parent_listening: list[tuple[str, int]] = field(default_factory=list)
     # The parent's self-signed certificate and key (PEM), when TLS has no configured files.
     self_signed: tuple[bytes, bytes] | None = None
-    # The hand-over channel to the parent: RFC 6062 data connections for other workers.
+    # The hand-over channel to the parent: RFC 6062 data connections for other workers, and
+    # how many workers there are.
     handoff: socket.socket | None = None
+    count: int = 1
 
 
 @dataclass
@@ -387,7 +389,8 @@ class TurnServer:
         if self.worker is not None and self.worker.handoff is not None:
             from .handoff import Handoff
 
-            self.handoff = Handoff(self.loop, self.worker.handoff, self.worker.index, streams)
+            self.handoff = Handoff(self.loop, self.worker.handoff, self.worker.index,
+                                   self.worker.count, streams)
             streams.handoff = self.handoff
         if self.worker is not None:
             for kind, sock in self.worker.listen_sockets:

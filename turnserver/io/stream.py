@@ -836,7 +836,7 @@ class StreamConnection(asyncio.Protocol):
             return False  # the core answers what it makes of it
         if not isinstance(cid, int):
             return False
-        target = owner_of(cid, handoff.index)
+        target = owner_of(cid, handoff.index, handoff.count)
         if target is None:
             return False
         data = b"".join(rest) + self._framer.take_rest()

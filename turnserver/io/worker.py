@@ -153,6 +153,7 @@ async def serve_worker(start: dict[str, Any], channel: socket.socket, early: byt
                      if start.get("self_signed") else None),
         handoff=(socket.socket(fileno=int(start["handoff"]))
                  if start.get("handoff") is not None else None),
+        count=int(start.get("count", 1)),
     )
     server = TurnServer(config, secrets=[bytes.fromhex(s) for s in start["secrets"]],
                         static_users=users_from_json(start["static_users"]), worker=setup)
