@@ -160,6 +160,13 @@ class AdminServer:
             if not allowed(pid, uid, gid, self.socket_gid):
                 log.warning("admin socket: refused a request from uid %d (pid %d): not root, "
                             "this server's user or group %s", uid, pid, ADMIN_GROUP)
+                # Its request is read (and ignored) first: a socket closed with unread data
+                # resets the connection, and the answer could be lost with it.
+                try:
+                    await asyncio.wait_for(reader.readline(), 1.0)
+                except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
+                        asyncio.TimeoutError):
+                    pass
                 await self._answer(writer, {"ok": False, "error": "permission denied: root, the "
                                             f"server's user or group {ADMIN_GROUP} only"})
                 return
