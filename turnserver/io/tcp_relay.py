@@ -186,6 +186,8 @@ class TcpPeers:
             raise
         except (OSError, asyncio.TimeoutError) as exc:
             log.debug("connection %d to a peer failed: %r", cid, exc)
+        except Exception:  # never leave a Connect unanswered: it fails with 447
+            log.exception("connection %d to a peer failed", cid)
         finally:
             self._connecting.pop(cid, None)
         if not ok and sock is not None:
