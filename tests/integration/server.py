@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,19 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
         return self.proc.wait(timeout=timeout_s)
+
+
+def bind_outside_relay_range(kind: int) -> socket.socket:
+    """A socket bound on 127.0.0.1 to a kernel-chosen port outside RELAY_PORTS: the kernel's
+    ephemeral range holds the relay range, and a listener inside it is a configuration error
+    (exit 2). For tests that need a fixed listening port, or a port some socket holds."""
+    for _ in range(50):
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.bind(("127.0.0.1", 0))
+        if not RELAY_PORTS[0] <= sock.getsockname()[1] <= RELAY_PORTS[1]:
+            return sock
+        sock.close()
+    raise AssertionError("no ephemeral port outside the relay port range in 50 tries")
 
 
 def base_options() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from turnserver.cli import main
 
-from .server import RELAY_PORTS, RunningServer, start_server
+from .server import RunningServer, bind_outside_relay_range, start_server
 
 
 def test_the_start_up_line_says_version_configuration_workers_and_listeners(
@@ -31,20 +31,8 @@ def test_the_start_up_line_says_version_configuration_workers_and_listeners(
             f"listening udp 127.0.0.1:{udp}, tcp 127.0.0.1:{tcp}; relaying on 127.0.0.1") in line
 
 
-def _bind_outside_relay_range(kind: int) -> socket.socket:
-    """A socket bound on loopback to a kernel-chosen port outside the relay port range: a
-    listener inside it is a configuration error (exit 2), not the "in use" this tests."""
-    for _ in range(50):
-        sock = socket.socket(socket.AF_INET, kind)
-        sock.bind(("127.0.0.1", 0))
-        if not RELAY_PORTS[0] <= sock.getsockname()[1] <= RELAY_PORTS[1]:
-            return sock
-        sock.close()
-    raise AssertionError("no ephemeral port outside the relay port range in 50 tries")
-
-
 def test_address_in_use_names_the_socket(tmp_path: Path) -> None:
-    taken = _bind_outside_relay_range(socket.SOCK_DGRAM)
+    taken = bind_outside_relay_range(socket.SOCK_DGRAM)
     port = taken.getsockname()[1]
     try:
         server = start_server(tmp_path / "turnd", wait=False, listen_udp=[f"127.0.0.1:{port}"])
@@ -55,7 +43,7 @@ def test_address_in_use_names_the_socket(tmp_path: Path) -> None:
 
 
 def test_a_metrics_port_in_use_names_metrics_listen(tmp_path: Path) -> None:
-    taken = _bind_outside_relay_range(socket.SOCK_STREAM)
+    taken = bind_outside_relay_range(socket.SOCK_STREAM)
     taken.listen(1)
     port = taken.getsockname()[1]
     try:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .server import RunningServer
+from .server import RunningServer, bind_outside_relay_range
 from .test_probe import ports_args, probe
 
 
@@ -58,8 +58,7 @@ def test_probe_reads_secrets_ports_and_host_from_the_servers_configuration(
     # Fixed ports, as in production: pick free ones, then hand probe only --config.
     ports = []
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_INET, kind) as sock:
-            sock.bind(("127.0.0.1", 0))
+        with bind_outside_relay_range(kind) as sock:  # a listener there is a config error
             ports.append(sock.getsockname()[1])
     server = server_factory(listen_udp=[f"127.0.0.1:{ports[0]}"], listen_tcp=[f"127.0.0.1:{ports[1]}"],
                             public_host="127.0.0.1")
